@@ -1,0 +1,55 @@
+# tapmask — two commands: `make serve` and `make test`. Each creates/refreshes .venv itself.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+
+MODEL ?= grabcut
+HOST ?= 0.0.0.0
+PORT ?= 9090
+# The pip extra a model family needs: the GrabCut default needs none (no torch download).
+SERVE_EXTRA := $(if $(filter sam sam-%,$(MODEL)),sam,$(if $(filter ritm%,$(MODEL)),ritm,))
+
+.PHONY: serve test lint format bench eval clean help
+help:
+	@echo "make serve   install the core (+ the MODEL's extra) and serve the Label Studio backend on $(HOST):$(PORT)"
+	@echo "make test    install everything and run the tests"
+	@echo "make lint    ruff check + format check"
+	@echo "make bench   side-by-side performance measurements"
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -U pip
+
+# One stamp per set of extras, refreshed whenever pyproject.toml changes.
+$(VENV)/.installed-%: pyproject.toml | $(PY)
+	$(PIP) install -e '.[$(subst +,$(comma),$*)]'
+	touch $@
+
+$(VENV)/.installed-core: pyproject.toml | $(PY)
+	$(PIP) install -e .
+	touch $@
+
+comma := ,
+SERVE_STAMP := $(VENV)/.installed-$(if $(SERVE_EXTRA),$(SERVE_EXTRA),core)
+
+serve: $(SERVE_STAMP)
+	$(VENV)/bin/tapmask serve labelstudio --host $(HOST) --port $(PORT) --model $(MODEL)
+
+test: $(VENV)/.installed-all+dev
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed-all+dev
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(VENV)/.installed-all+dev
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+bench: $(VENV)/.installed-all+dev
+	$(VENV)/bin/tapmask bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache eval-results

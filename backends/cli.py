@@ -1,0 +1,171 @@
+"""``tapmask`` command line: segment, serve, worker, eval, bench, weights."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from backends.errors import TapmaskError
+
+
+def _parse_click(text: str):
+    from backends.prompts import Click
+
+    parts = text.split(",")
+    if len(parts) not in (2, 3):
+        raise argparse.ArgumentTypeError(f"click {text!r}: expected x,y or x,y,+ or x,y,-")
+    sign = parts[2].strip() if len(parts) == 3 else "+"
+    if sign not in ("+", "-", "1", "0"):
+        raise argparse.ArgumentTypeError(f"click {text!r}: the third field must be + or -")
+    try:
+        return Click(float(parts[0]), float(parts[1]), sign in ("+", "1"))
+    except (ValueError, TapmaskError) as exc:
+        raise argparse.ArgumentTypeError(f"click {text!r}: {exc}") from exc
+
+
+def _parse_box(text: str):
+    from backends.prompts import Box
+
+    try:
+        return Box(*(float(v) for v in text.split(",")))
+    except (TypeError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(f"box {text!r}: expected x1,y1,x2,y2 ({exc})") from exc
+
+
+def _cmd_segment(args: argparse.Namespace) -> int:
+    import cv2
+    import numpy as np
+
+    from backends import masks
+    from backends.engine import Engine
+    from backends.prompts import Prompt
+
+    data = Path(args.image).read_bytes()
+    engine = Engine()
+    options = {"checkpoint": args.checkpoint} if args.checkpoint else {}
+    engine.load([args.model], **options)
+    result = engine.segment(args.model, data, Prompt(tuple(args.click or ()), args.box))
+    out = Path(args.out)
+    if out.suffix.lower() == ".json":
+        polygons = masks.mask_to_polygons(result.mask, tolerance=args.tolerance)
+        payload = {
+            "model": result.model,
+            "score": result.score,
+            "width": result.width,
+            "height": result.height,
+            "polygons": [p.points.tolist() for p in polygons],
+        }
+        out.write_text(json.dumps(payload))
+    else:
+        if not cv2.imwrite(str(out), result.mask.astype(np.uint8) * 255):
+            raise SystemExit(f"cannot write {out}")
+    print(
+        f"{result.model}: {result.area} px ({result.area / result.mask.size:.1%}), "
+        f"score {result.score:.3f} -> {out}"
+    )
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from backends.evaluation.run import main as eval_main
+
+    return eval_main(args)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from backends.benchmarks.run import main as bench_main
+
+    return bench_main(args.only)
+
+
+def _cmd_weights(args: argparse.Namespace) -> int:
+    from backends import weights
+
+    for name in args.names:
+        print(weights.download(name, Path(args.dest) if args.dest else None))
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from backends.models import registry
+
+    for name in registry.names():
+        spec = registry.spec(name)
+        extra = f"  [tapmask[{spec.extra}]]" if spec.extra else ""
+        print(f"{name:16} {spec.description}{extra}")
+    return 0
+
+
+def _not_yet(what: str):
+    def run(_args: argparse.Namespace) -> int:
+        print(f"tapmask {what}: not available in this version yet", file=sys.stderr)
+        return 2
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tapmask", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    seg = sub.add_parser("segment", help="segment one image from the command line")
+    seg.add_argument("image")
+    seg.add_argument("--click", action="append", type=_parse_click, metavar="X,Y[,+|-]")
+    seg.add_argument("--box", type=_parse_box, metavar="X1,Y1,X2,Y2")
+    seg.add_argument("--model", default=os.environ.get("MODEL", "grabcut"))
+    seg.add_argument("--checkpoint")
+    seg.add_argument("--out", required=True, help="mask.png (0/255) or polygons.json")
+    seg.add_argument("--tolerance", type=float, default=1.0, help="polygon simplification, px")
+    seg.set_defaults(func=_cmd_segment)
+
+    ev = sub.add_parser("eval", help="NoC evaluation on GrabCut/Berkeley/DAVIS folders")
+    ev.add_argument("--model", action="append", required=True)
+    ev.add_argument("--dataset", required=True)
+    ev.add_argument("--max-clicks", type=int, default=20)
+    ev.add_argument("--limit", type=int, help="only the first N images")
+    ev.add_argument("--checkpoint")
+    ev.add_argument("--out", default="eval-results", help="folder for CSV and PNG")
+    ev.set_defaults(func=_cmd_eval)
+
+    bench = sub.add_parser("bench", help="side-by-side performance measurements")
+    bench.add_argument("--only", action="append", help="run only these bench modules")
+    bench.set_defaults(func=_cmd_bench)
+
+    weights = sub.add_parser("weights", help="download official checkpoints (needs internet)")
+    weights.add_argument("names", nargs="+")
+    weights.add_argument("--dest")
+    weights.set_defaults(func=_cmd_weights)
+
+    models = sub.add_parser("models", help="list the model names")
+    models.set_defaults(func=_cmd_models)
+
+    serve = sub.add_parser("serve", help="serve a front end (labelstudio)")
+    serve.add_argument("frontend", choices=["labelstudio"])
+    serve.set_defaults(func=_not_yet("serve"))
+
+    worker = sub.add_parser("worker", help="a Redis/rq worker")
+    worker.set_defaults(func=_not_yet("worker"))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except TapmaskError as exc:
+        print(f"tapmask: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,223 @@
+"""The Engine: models plus the caches that make every click after the first one cheap.
+
+``engine.segment(model, image, prompt)`` is the whole surface. Three caches sit behind it:
+
+* decoded images by sha256, so a repeat click neither re-sends nor re-decodes the frame;
+* embeddings by (model, sha256): SAM's image encoder runs once per image, not once per click;
+* interaction states by (model, sha256, box, clicks so far). Tools resend every click on every
+  request; the Engine finds the longest earlier prefix it has a state for and continues from
+  there, so click *n* refines click *n-1*'s result (SAM's low-res logits, RITM's probability map)
+  instead of starting over. For models whose answer depends on that history
+  (``replays_history``), a missing prefix is rebuilt by decoding the earlier prefixes in order, so
+  the answer is the same whether or not the cache had it.
+
+One lock per model: a model never runs two requests at once on its device, while different models
+(and cache hits) proceed in parallel.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from backends import images
+from backends.cache import LRUCache, nbytes
+from backends.errors import ModelNotFound, TapmaskError, UnknownImage
+from backends.models import registry
+from backends.models.base import Segmenter
+from backends.prompts import Prompt, Segmentation
+
+log = logging.getLogger(__name__)
+
+MiB = 1 << 20
+
+
+def _env_mib(name: str, default_mib: int) -> int:
+    return int(float(os.environ.get(name, default_mib)) * MiB)
+
+
+@dataclass
+class EngineConfig:
+    embedding_cache_bytes: int = field(
+        default_factory=lambda: _env_mib("TAPMASK_EMBEDDING_CACHE_MB", 2048)
+    )
+    state_cache_bytes: int = field(default_factory=lambda: _env_mib("TAPMASK_STATE_CACHE_MB", 512))
+    image_cache_bytes: int = field(default_factory=lambda: _env_mib("TAPMASK_IMAGE_CACHE_MB", 1024))
+
+
+@dataclass
+class EngineStats:
+    encodes: int = 0
+    decodes: int = 0
+    encode_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    state_hits: int = 0
+
+
+ImageRef = bytes | str  # file bytes, or the sha256 of bytes the Engine has already seen
+
+
+class Engine:
+    def __init__(
+        self,
+        models: dict[str, Segmenter] | None = None,
+        config: EngineConfig | None = None,
+        loader: Callable[..., Segmenter] = registry.create,
+    ) -> None:
+        self.config = config or EngineConfig()
+        self._loader = loader
+        self._models: dict[str, Segmenter] = {}
+        self._locks: dict[str, threading.Lock] = {}
+        self._registry_lock = threading.Lock()
+        self.images: LRUCache[np.ndarray] = LRUCache(self.config.image_cache_bytes, "images")
+        self.embeddings: LRUCache[Any] = LRUCache(self.config.embedding_cache_bytes, "embeddings")
+        self.states: LRUCache[tuple[Segmentation, Any]] = LRUCache(
+            self.config.state_cache_bytes, "states"
+        )
+        self.stats = EngineStats()
+        for name, model in (models or {}).items():
+            self.add_model(name, model)
+
+    # -- models ----------------------------------------------------------------------------
+    def add_model(self, name: str, model: Segmenter) -> None:
+        with self._registry_lock:
+            self._models[name] = model
+            self._locks.setdefault(name, threading.Lock())
+
+    def load(self, names: Iterable[str], **options: Any) -> None:
+        """Build and add models by registry name (done at start-up, never per request)."""
+        for name in names:
+            if name not in self._models:
+                started = time.perf_counter()
+                self.add_model(name, self._loader(name, **options))
+                log.info("loaded model %s in %.1f s", name, time.perf_counter() - started)
+
+    @property
+    def model_names(self) -> list[str]:
+        return sorted(self._models)
+
+    def model(self, name: str) -> Segmenter:
+        try:
+            return self._models[name]
+        except KeyError:
+            served = ", ".join(self.model_names) or "none"
+            raise ModelNotFound(f"model {name!r} is not served here (served: {served})") from None
+
+    # -- images ----------------------------------------------------------------------------
+    def put_image(self, data: bytes) -> str:
+        """Decode and keep an image; returns its key (sha256 of the bytes)."""
+        key = images.sha256(data)
+        if key not in self.images:
+            self.images.put(key, images.decode(data))
+        return key
+
+    def image(self, ref: ImageRef) -> tuple[str, np.ndarray]:
+        if isinstance(ref, (bytes, bytearray, memoryview)):
+            data = bytes(ref)
+            key = images.sha256(data)
+            array = self.images.get(key)
+            if array is None:
+                array = images.decode(data)
+                self.images.put(key, array)
+            return key, array
+        array = self.images.get(ref)
+        if array is None:
+            raise UnknownImage(f"image {ref[:12]}… is not cached here; send the image bytes")
+        return ref, array
+
+    # -- embeddings ------------------------------------------------------------------------
+    def _embedding(self, name: str, model: Segmenter, key: str, image: np.ndarray) -> Any:
+        """Caller holds the model lock, so a concurrent first click waits and then hits."""
+        cache_key = (name, key)
+        if cache_key in self.embeddings:
+            return self.embeddings.get(cache_key)
+        started = time.perf_counter()
+        embedding = model.encode(image)
+        self.stats.encodes += 1
+        self.stats.encode_seconds += time.perf_counter() - started
+        self.embeddings.put(cache_key, embedding, nbytes(embedding))
+        return embedding
+
+    def prefetch(self, name: str, image: ImageRef) -> str:
+        """Compute and cache the image's embedding ahead of the first click."""
+        model = self.model(name)
+        key, array = self.image(image)
+        with self._locks[name]:
+            self._embedding(name, model, key, array)
+        return key
+
+    def export_embedding(self, name: str, image: ImageRef) -> np.ndarray:
+        """The model's raw image embedding as a numpy array (CVAT's stock SAM plugin needs it)."""
+        model = self.model(name)
+        exporter = getattr(model, "export_embedding", None)
+        if exporter is None:
+            raise TapmaskError(f"model {name!r} has no exportable image embedding")
+        key, array = self.image(image)
+        with self._locks[name]:
+            embedding = self._embedding(name, model, key, array)
+            return np.asarray(exporter(embedding))
+
+    # -- segmentation ----------------------------------------------------------------------
+    def segment(self, name: str, image: ImageRef, prompt: Prompt) -> Segmentation:
+        model = self.model(name)
+        key, array = self.image(image)
+        height, width = array.shape[:2]
+        prompt = prompt.validated(width, height)
+        with self._locks[name]:
+            embedding = self._embedding(name, model, key, array)
+            if prompt.previous_mask is not None:
+                # A caller-supplied mask replaces the history: decode once, cache nothing.
+                return self._decode(model, array, embedding, prompt, None)[0]
+            steps = self._steps(prompt) if model.replays_history else [prompt]
+            start, state, result = self._resume_point(name, key, model, prompt, steps)
+            if result is not None:
+                return result  # the whole interaction is cached: a repeated request
+            for step in steps[start:]:
+                result, state = self._decode(model, array, embedding, step, state)
+                self.states.put((name, key, step.key()), (result, state))
+            assert result is not None
+            return result
+
+    def _resume_point(
+        self, name: str, key: str, model: Segmenter, prompt: Prompt, steps: list[Prompt]
+    ) -> tuple[int, Any, Segmentation | None]:
+        """Index of the first step to decode, the state to start it from, and the cached result
+        when the last step itself is cached (a repeated request)."""
+        for index in range(len(steps) - 1, -1, -1):
+            cached = self.states.get((name, key, steps[index].key()))
+            if cached is not None:
+                self.stats.state_hits += 1
+                if index == len(steps) - 1:
+                    return len(steps), cached[1], cached[0]
+                return index + 1, cached[1], None
+        if not model.replays_history and len(prompt.clicks) > (0 if prompt.box else 1):
+            # Models without history still refine from the previous click's state if we have it.
+            previous = self.states.get((name, key, prompt.prefix(len(prompt.clicks) - 1).key()))
+            if previous is not None:
+                self.stats.state_hits += 1
+                return 0, previous[1], None
+        return 0, None, None
+
+    @staticmethod
+    def _steps(prompt: Prompt) -> list[Prompt]:
+        """Every prefix of the interaction, in the order the annotator made it."""
+        first = 0 if prompt.box is not None else 1
+        return [prompt.prefix(n) for n in range(first, len(prompt.clicks) + 1)]
+
+    def _decode(
+        self, model: Segmenter, image: np.ndarray, embedding: Any, prompt: Prompt, state: Any
+    ) -> tuple[Segmentation, Any]:
+        started = time.perf_counter()
+        result, new_state = model.decode(image, embedding, prompt, state)
+        self.stats.decodes += 1
+        self.stats.decode_seconds += time.perf_counter() - started
+        if not result.model:
+            result.model = getattr(model, "name", "")
+        return result, new_state

@@ -1,0 +1,1 @@
+"""Interactive-segmentation evaluation: the standard NoC protocol (clicker, datasets, loop)."""

@@ -1,0 +1,88 @@
+"""Model names users type (``grabcut``, ``sam-vit_h``, ``ritm-h18``…) → factories.
+
+Factories import their heavy dependencies (torch, segment-anything) only when called, so importing
+the registry, and everything that uses it, stays torch-free.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from backends.errors import ModelLoadError, ModelNotFound
+from backends.models.base import Segmenter
+
+Factory = Callable[..., Segmenter]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    target: str  # "module:function", imported lazily
+    description: str
+    extra: str | None = None  # the pip extra that provides its dependencies
+    kwargs: tuple[tuple[str, object], ...] = ()
+
+
+_SPECS: dict[str, ModelSpec] = {}
+
+
+def register(spec: ModelSpec) -> None:
+    _SPECS[spec.name] = spec
+
+
+def names() -> list[str]:
+    return sorted(_SPECS)
+
+
+def spec(name: str) -> ModelSpec:
+    try:
+        return _SPECS[name]
+    except KeyError:
+        raise ModelNotFound(f"unknown model {name!r}; known models: {', '.join(names())}") from None
+
+
+def create(name: str, **options: object) -> Segmenter:
+    """Build model ``name``; ``options`` override the spec's defaults (checkpoint, device…)."""
+    model_spec = spec(name)
+    module_name, _, func_name = model_spec.target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        hint = f" (pip install 'tapmask[{model_spec.extra}]')" if model_spec.extra else ""
+        raise ModelLoadError(f"model {name!r} needs {exc.name or exc}{hint}") from exc
+    factory: Factory = getattr(module, func_name)
+    kwargs = dict(model_spec.kwargs)
+    kwargs.update(options)
+    try:
+        return factory(name=name, **kwargs)
+    except TypeError as exc:  # an option this model family does not take
+        raise ModelLoadError(f"model {name!r}: {exc}") from exc
+
+
+register(
+    ModelSpec(
+        "grabcut",
+        "backends.models.grabcut:build",
+        "OpenCV GrabCut: weights-free, CPU only",
+    )
+)
+for _variant in ("vit_b", "vit_l", "vit_h"):
+    register(
+        ModelSpec(
+            f"sam-{_variant}",
+            "backends.models.sam:build",
+            f"Segment Anything {_variant.replace('_', '-').upper()} (segment-anything checkpoint)",
+            extra="sam",
+            kwargs=(("model_type", _variant),),
+        )
+    )
+register(
+    ModelSpec(
+        "sam",
+        "backends.models.sam:build",
+        "Segment Anything, variant read from the checkpoint (SAM_CHECKPOINT)",
+        extra="sam",
+    )
+)

@@ -1,0 +1,45 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+GRABCUT = SHARED / "datasets" / "GrabCut"
+
+
+@pytest.fixture(scope="session")
+def grabcut_dir() -> Path:
+    assert (GRABCUT / "data_GT").is_dir(), f"test data missing: {GRABCUT} (../shared next to repo)"
+    return GRABCUT
+
+
+# A SAM with the official prompt encoder / mask decoder structure and 1024 input (so low-res
+# logits are 256×256 and the ResizeLongestSide transform is the real one), every width and depth
+# shrunk so a forward pass takes milliseconds on a CPU.
+TINY_SAM = {
+    "encoder_embed_dim": 32,
+    "encoder_depth": 1,
+    "encoder_num_heads": 1,
+    "encoder_global_attn_indexes": (),
+    "prompt_embed_dim": 32,
+    "decoder_depth": 1,
+    "decoder_mlp_dim": 64,
+    "decoder_num_heads": 2,
+    "iou_head_hidden_dim": 32,
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_sam_checkpoint(tmp_path_factory) -> Path:
+    """Random (seeded) tiny SAM weights saved as a plain state dict, like the official files."""
+    import torch
+
+    from backends.models import sam
+
+    torch.manual_seed(0)
+    model = sam.build_sam_from_config(**TINY_SAM)
+    path = tmp_path_factory.mktemp("sam") / "tiny_sam.pth"
+    torch.save(model.state_dict(), path)
+    return path
