@@ -102,7 +102,8 @@ class LocalDispatcher:
 def dispatcher_from_env(models: list[str], **options: object) -> Dispatcher:
     """The dispatcher a front end should use, chosen by configuration only.
 
-    The models are loaded here and run in-process. ``options`` go to the model factories (checkpoint, device…).
+    The models are loaded here and run in-process. ``options`` go to the model factories
+    (checkpoint, device…).
     """
     engine = Engine()
     engine.load(models, **options)

@@ -1,4 +1,4 @@
-"""The core (codecs, images, prompts, Engine, dispatcher, GrabCut, `tapmask segment`) without torch."""
+"""The core (codecs, images, prompts, Engine, dispatcher, GrabCut, CLI) runs without torch."""
 
 from __future__ import annotations
 
@@ -40,7 +40,8 @@ def test_core_imports_and_segments_with_torch_unimportable(grabcut_dir, tmp_path
         import backends.prompts, backends.images, backends.masks, backends.engine
         import backends.queue, backends.cli, backends.models.registry, backends.models.grabcut
         from backends.cli import main
-        assert main(["segment", {str(image)!r}, "--click", "150,200", "--out", {str(out_png)!r}]) == 0
+        args = ["segment", {str(image)!r}, "--click", "150,200", "--out", {str(out_png)!r}]
+        assert main(args) == 0
         assert main(["segment", {str(image)!r}, "--click", "150,200,+", "--click", "20,20,-",
                      "--model", "grabcut", "--out", {str(out_json)!r}]) == 0
         try:
