@@ -71,6 +71,26 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from backends.labelstudio.app import Settings, create_app
+    from backends.queue import dispatcher_from_env
+
+    options = {k: v for k, v in (("checkpoint", args.checkpoint), ("device", args.device)) if v}
+    dispatcher = dispatcher_from_env([args.model], **options)  # models load before serving
+    app = create_app(dispatcher, Settings(model=args.model))
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    dispatcher.close()
+    return 0
+
+
+def _cmd_prefetch(args: argparse.Namespace) -> int:
+    from backends.labelstudio.prefetch import prefetch_project
+
+    return prefetch_project(args.project, args.backend, args.label_studio, args.batch)
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from backends.evaluation.run import main as eval_main
 
@@ -147,7 +167,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="serve a front end (labelstudio)")
     serve.add_argument("frontend", choices=["labelstudio"])
-    serve.set_defaults(func=_not_yet("serve"))
+    serve.add_argument("--host", default=os.environ.get("HOST", "0.0.0.0"))
+    serve.add_argument("--port", type=int, default=int(os.environ.get("PORT", "9090")))
+    serve.add_argument("--model", default=os.environ.get("MODEL", "grabcut"))
+    serve.add_argument("--checkpoint", help="model checkpoint (default: the model's env/dir)")
+    serve.add_argument("--device", help="cpu, cuda, cuda:1 … (default: CUDA when present)")
+    serve.set_defaults(func=_cmd_serve)
+
+    prefetch = sub.add_parser(
+        "prefetch", help="compute embeddings for every task of a Label Studio project"
+    )
+    prefetch.add_argument("--project", type=int, required=True)
+    prefetch.add_argument("--backend", default="http://localhost:9090", help="tapmask backend")
+    prefetch.add_argument("--label-studio", default=os.environ.get("LABEL_STUDIO_URL"))
+    prefetch.add_argument("--batch", type=int, default=20, help="tasks per /predict call")
+    prefetch.set_defaults(func=_cmd_prefetch)
 
     worker = sub.add_parser("worker", help="a Redis/rq worker")
     worker.set_defaults(func=_not_yet("worker"))

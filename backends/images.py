@@ -83,3 +83,19 @@ def encode_png(image: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+_SWAPS_AXES = {5, 6, 7, 8}  # EXIF orientations that rotate by 90°
+
+
+def size(data: bytes) -> tuple[int, int]:
+    """(height, width) as ``decode`` would return it, read from the header only (no decode)."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+            orientation = img.getexif().get(0x0112, 1)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise ImageError(f"cannot read image ({len(data)} bytes): {exc}") from exc
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLarge(f"image rejected as a decompression bomb: {exc}") from exc
+    return (width, height) if orientation in _SWAPS_AXES else (height, width)

@@ -1,0 +1,1 @@
+"""The Label Studio ML backend: an HTTP app speaking Label Studio's ML protocol."""

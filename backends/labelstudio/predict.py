@@ -1,0 +1,199 @@
+"""Label Studio ``/predict`` payloads ↔ tapmask prompts and regions (no HTTP, no models here)."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import cv2
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from backends import masks
+from backends.errors import PromptError, TapmaskError
+from backends.labelstudio.labelconfig import OUTPUT_TYPES, LabelConfig
+from backends.prompts import Box, Click, Prompt, Segmentation
+
+
+class BadRequest(TapmaskError, ValueError):
+    status = 422
+    code = "bad_request"
+
+
+class Params(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    login: str | None = None
+    password: str | None = None
+    context: dict[str, Any] | None = None
+
+
+class PredictRequest(BaseModel):
+    """The body Label Studio 1.23 posts to ``/predict``."""
+
+    model_config = ConfigDict(extra="forbid")
+    tasks: list[dict[str, Any]] = Field(min_length=1)
+    project: str | int | None = None
+    label_config: str | None = None
+    model_version: str | None = None
+    params: Params | None = None
+
+    @property
+    def context(self) -> dict[str, Any] | None:
+        return self.params.context if self.params else None
+
+    @property
+    def project_id(self) -> str | None:
+        """``"12.1795267061"`` → ``"12"`` (Label Studio appends the project's creation time)."""
+        return None if self.project is None else str(self.project).split(".")[0]
+
+
+@dataclass
+class ObjectRequest:
+    """One object to segment: the clicks/box, on which image, under which label."""
+
+    to_name: str
+    label: str | None
+    prompt_pct: list[tuple[str, dict[str, Any], bool]]  # (type, value, is_positive) in percent
+    original_width: int
+    original_height: int
+
+
+def _number(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise BadRequest(f"{what} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise BadRequest(f"{what} must be finite, got {value!r}")
+    return float(value)
+
+
+def _label_of(item: dict[str, Any]) -> str | None:
+    value = item.get("value") or {}
+    for key in (item.get("type"), "keypointlabels", "rectanglelabels", "labels"):
+        labels = value.get(key) if key else None
+        if isinstance(labels, list) and labels:
+            return str(labels[0])
+    return None
+
+
+def objects_from_context(context: dict[str, Any]) -> list[ObjectRequest]:
+    """Smart keypoints → one object; each smart rectangle → one object of its own."""
+    result = context.get("result")
+    if not isinstance(result, list) or not result:
+        raise BadRequest("params.context.result must be a non-empty list of regions")
+    keypoints: list[dict[str, Any]] = []
+    rectangles: list[dict[str, Any]] = []
+    for index, item in enumerate(result):
+        if not isinstance(item, dict) or not isinstance(item.get("value"), dict):
+            raise BadRequest(f"context.result[{index}] is not a region with a value")
+        kind = item.get("type")
+        if kind == "keypointlabels":
+            keypoints.append(item)
+        elif kind == "rectanglelabels":
+            rectangles.append(item)
+        else:
+            raise BadRequest(
+                f"context.result[{index}] has type {kind!r}; smart tools send keypointlabels "
+                "or rectanglelabels"
+            )
+    objects: list[ObjectRequest] = []
+    if keypoints:
+        first = keypoints[0]
+        prompt = [
+            ("keypoint", k["value"], k.get("is_positive") is not False)  # missing → positive
+            for k in keypoints
+        ]
+        objects.append(_object(first, prompt))
+    for rect in rectangles:
+        objects.append(_object(rect, [("rectangle", rect["value"], True)]))
+    return objects
+
+
+def _object(item: dict[str, Any], prompt: list[tuple[str, dict[str, Any], bool]]) -> ObjectRequest:
+    width = _number(item.get("original_width"), "original_width")
+    height = _number(item.get("original_height"), "original_height")
+    if width < 1 or height < 1:
+        raise BadRequest("original_width/original_height must be positive")
+    to_name = item.get("to_name")
+    if not isinstance(to_name, str) or not to_name:
+        raise BadRequest("region has no to_name")
+    return ObjectRequest(to_name, _label_of(item), prompt, round(width), round(height))
+
+
+def to_prompt(obj: ObjectRequest, width: int, height: int) -> Prompt:
+    """Percent coordinates → pixels of the decoded image (pixel centres at integers)."""
+    clicks: list[Click] = []
+    box: Box | None = None
+    for kind, value, positive in obj.prompt_pct:
+        x = _number(value.get("x"), f"{kind} x") / 100.0 * width
+        y = _number(value.get("y"), f"{kind} y") / 100.0 * height
+        if kind == "keypoint":
+            clicks.append(Click(x - 0.5, y - 0.5, positive))
+            continue
+        w = _number(value.get("width"), "rectangle width") / 100.0 * width
+        h = _number(value.get("height"), "rectangle height") / 100.0 * height
+        if w < 0 or h < 0:
+            raise PromptError("rectangle width/height must not be negative")
+        corners = np.array([[0, 0], [w, 0], [w, h], [0, h]], dtype=np.float64)
+        angle = math.radians(_number(value.get("rotation", 0) or 0, "rectangle rotation"))
+        if angle:  # Label Studio rotates around the top-left corner: use the bounding box
+            rot = np.array(
+                [[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]]
+            )
+            corners = corners @ rot.T
+        corners += (x, y)
+        x1, y1 = corners.min(axis=0)
+        x2, y2 = corners.max(axis=0)
+        box = Box(x1, y1, max(x1, x2 - 1.0), max(y1, y2 - 1.0))
+    return Prompt(tuple(clicks), box)
+
+
+def _region_id(*parts: Any) -> str:
+    return hashlib.sha1(repr(parts).encode()).hexdigest()[:10]
+
+
+def regions(
+    seg: Segmentation,
+    obj: ObjectRequest,
+    config: LabelConfig,
+    *,
+    task_id: Any,
+    prompt: Prompt,
+    polygon_tolerance: float = 1.0,
+) -> list[dict[str, Any]]:
+    """The regions Label Studio renders for one segmented object: brush and/or polygon."""
+    width, height = obj.original_width, obj.original_height
+    mask = seg.mask
+    if mask.shape != (height, width):
+        # Label Studio reports another natural size than the file decodes to: draw at its size.
+        mask = cv2.resize(mask.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST)
+        mask = mask.astype(bool)
+    out: list[dict[str, Any]] = []
+    for control, label in config.outputs_for(obj.to_name, obj.label):
+        base = {
+            "id": _region_id(task_id, control.name, label, prompt.key()),
+            "from_name": control.name,
+            "to_name": obj.to_name,
+            "type": control.type,
+            "original_width": width,
+            "original_height": height,
+            "image_rotation": 0,
+            "score": seg.score,
+            "readonly": False,
+        }
+        if control.type == "brushlabels":
+            value = {"format": "rle", "rle": masks.mask_to_ls_rle(mask), "brushlabels": [label]}
+        else:
+            points = masks.largest_polygon(mask, polygon_tolerance)
+            if len(points) < 3:
+                continue
+            centred = np.asarray(points, dtype=np.float64) + 0.5  # pixel centres → LS edges
+            value = {
+                "points": masks.polygon_to_percent(centred, width, height),
+                "closed": True,
+                "polygonlabels": [label],
+            }
+        assert control.type in OUTPUT_TYPES
+        out.append({**base, "value": value})
+    return out
