@@ -32,12 +32,21 @@ $(VENV)/.installed-core: pyproject.toml | $(PY)
 	touch $@
 
 comma := ,
+
+# Label Studio itself, for the end-to-end tests only, in its own venv (its pins clash with ours).
+LS_VENV ?= .venv-labelstudio
+LS_VERSION ?= 1.23.2
+$(LS_VENV)/.installed-$(LS_VERSION):
+	$(PYTHON) -m venv $(LS_VENV)
+	$(LS_VENV)/bin/python -m pip --disable-pip-version-check -q install 'label-studio==$(LS_VERSION)'
+	touch $@
+
 SERVE_STAMP := $(VENV)/.installed-$(if $(SERVE_EXTRA),$(SERVE_EXTRA),core)
 
 serve: $(SERVE_STAMP)
 	$(VENV)/bin/tapmask serve labelstudio --host $(HOST) --port $(PORT) --model $(MODEL)
 
-test: $(VENV)/.installed-all+dev
+test: $(VENV)/.installed-all+dev $(LS_VENV)/.installed-$(LS_VERSION)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed-all+dev

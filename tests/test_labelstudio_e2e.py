@@ -1,0 +1,327 @@
+"""End to end with a real Label Studio 1.23.2 and the real `tapmask serve labelstudio` process.
+
+Label Studio lives in its own venv (`make test` installs it: .venv-labelstudio). The calls below
+are the ones its frontend makes: connect an interactive ML backend, then
+`POST /api/ml/{id}/interactive-annotating` with the smart regions as context.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import httpx
+import numpy as np
+import pytest
+from label_studio_sdk.converter.brush import decode_rle
+
+from backends.evaluation.clicker import ground_truth_from_label, iou, next_click
+from tests.conftest import REPO
+
+LS_BIN = Path(os.environ.get("TAPMASK_LABEL_STUDIO", REPO / ".venv-labelstudio/bin/label-studio"))
+CONFIG = """<View>
+  <Image name="image" value="$image"/>
+  <BrushLabels name="brush" toName="image"><Label value="Object" background="#FF0000"/></BrushLabels>
+  <PolygonLabels name="poly" toName="image"><Label value="Object" background="#00AAFF"/></PolygonLabels>
+  <KeyPointLabels name="kp" toName="image" smart="true">
+    <Label value="Object" smart="true" background="#FF0000"/>
+  </KeyPointLabels>
+  <RectangleLabels name="rect" toName="image" smart="true">
+    <Label value="Object" background="#FF0000"/>
+  </RectangleLabels>
+</View>"""
+TOKEN = "e2e-legacy-token-0123456789"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait(url: str, process: subprocess.Popen, seconds: float) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{url}: process exited with {process.returncode}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} did not come up within {seconds} s")
+
+
+def _stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+@dataclass
+class LabelStudio:
+    url: str
+    headers: dict[str, str]
+
+    def api(self, method: str, path: str, **kw) -> httpx.Response:
+        return httpx.request(method, self.url + path, headers=self.headers, timeout=120, **kw)
+
+
+@pytest.fixture(scope="module")
+def label_studio(tmp_path_factory) -> Iterator[LabelStudio]:
+    assert LS_BIN.exists(), f"{LS_BIN} missing: `make test` installs Label Studio 1.23.2 there"
+    port = _free_port()
+    data_dir = tmp_path_factory.mktemp("ls-data")
+    env = {
+        **os.environ,
+        "LABEL_STUDIO_BASE_DATA_DIR": str(data_dir),
+        "LABEL_STUDIO_ML_BLOCK_LOCAL_IP": "false",
+        "LABEL_STUDIO_SSRF_PROTECTION_ENABLED": "false",
+        "COLLECT_ANALYTICS": "false",
+        "LATEST_VERSION_CHECK": "false",
+        "SENTRY_DSN": "",
+        "FRONTEND_SENTRY_DSN": "",
+        "fflag_feat_utc_210_prediction_validation_15082025": "true",
+    }
+    log = (data_dir / "label-studio.log").open("w")
+    process = subprocess.Popen(
+        [
+            str(LS_BIN),
+            "start",
+            "--no-browser",
+            "--internal-host",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "--username",
+            "admin@example.com",
+            "--password",
+            "e2e-password-123",
+            "--user-token",
+            TOKEN,
+            "--enable-legacy-api-token",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=data_dir,
+    )
+    try:
+        _wait(f"http://127.0.0.1:{port}/health", process, 300)
+        yield LabelStudio(f"http://127.0.0.1:{port}", {"Authorization": f"Token {TOKEN}"})
+    finally:
+        _stop(process)
+        log.close()
+
+
+def _backend(env_extra: dict[str, str]) -> tuple[str, subprocess.Popen]:
+    port = _free_port()
+    env = {**os.environ, **env_extra}
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "backends.cli",
+            "serve",
+            "labelstudio",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--model",
+            "grabcut",
+        ],
+        cwd=REPO,
+        env=env,
+    )
+    url = f"http://127.0.0.1:{port}"
+    _wait(url + "/health", process, 60)
+    return url, process
+
+
+@pytest.fixture(scope="module")
+def backend() -> Iterator[str]:
+    url, process = _backend({"LABEL_STUDIO_URL": "", "LABEL_STUDIO_API_KEY": ""})
+    try:
+        yield url
+    finally:
+        _stop(process)
+
+
+@dataclass
+class Project:
+    id: int
+    task_id: int
+    ml_id: int
+    gt: np.ndarray
+
+
+def _project(ls: LabelStudio, backend_url: str, grabcut_dir: Path) -> Project:
+    response = ls.api(
+        "POST", "/api/projects", json={"title": "tapmask e2e", "label_config": CONFIG}
+    )
+    assert response.status_code == 201, response.text
+    project_id = response.json()["id"]
+    image = grabcut_dir / "data_GT" / "teddy.jpg"
+    with image.open("rb") as handle:
+        response = ls.api(
+            "POST",
+            f"/api/projects/{project_id}/import",
+            files={"file": ("teddy.jpg", handle, "image/jpeg")},
+        )
+    assert response.status_code == 201, response.text
+    tasks = ls.api("GET", "/api/tasks", params={"project": project_id}).json()
+    task_id = tasks["tasks"][0]["id"]
+    response = ls.api(
+        "POST",
+        "/api/ml",
+        json={
+            "url": backend_url,
+            "project": project_id,
+            "title": "tapmask",
+            "is_interactive": True,
+        },
+    )
+    assert response.status_code == 201, response.text
+    gt = ground_truth_from_label(cv2.imread(str(grabcut_dir / "boundary_GT" / "teddy.bmp")))
+    return Project(project_id, task_id, response.json()["id"], gt)
+
+
+def _keypoint(x_pct: float, y_pct: float, positive: bool, index: int) -> dict:
+    return {
+        "original_width": 284,
+        "original_height": 398,
+        "image_rotation": 0,
+        "value": {
+            "x": x_pct,
+            "y": y_pct,
+            "width": 0.35,
+            "labels": ["Object"],
+            "keypointlabels": ["Object"],
+        },
+        "is_positive": positive,
+        "id": f"kp_{index}",
+        "from_name": "kp",
+        "to_name": "image",
+        "type": "keypointlabels",
+        "origin": "manual",
+    }
+
+
+def _interact(ls: LabelStudio, project: Project, result: list[dict]) -> list[dict]:
+    response = ls.api(
+        "POST",
+        f"/api/ml/{project.ml_id}/interactive-annotating",
+        json={"task": project.task_id, "context": {"result": result}},
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert "errors" not in body, body
+    return body["data"]["result"]
+
+
+def _brush_mask(regions: list[dict]) -> np.ndarray:
+    brush = next(r for r in regions if r["type"] == "brushlabels")
+    rgba = np.reshape(decode_rle(brush["value"]["rle"]), (398, 284, 4))
+    assert rgba.max() == 255
+    return rgba[:, :, 3] > 0
+
+
+def _pct(row: int, col: int) -> tuple[float, float]:
+    return (col + 0.5) / 284 * 100, (row + 0.5) / 398 * 100
+
+
+@pytest.fixture(scope="module")
+def project(label_studio, backend, grabcut_dir) -> Project:
+    return _project(label_studio, backend, grabcut_dir)
+
+
+def test_clicks_and_box_through_label_studio(label_studio, project):
+    gt = project.gt
+    row, col, _ = next_click(gt, np.zeros(gt.shape, bool))
+    first = _interact(label_studio, project, [_keypoint(*_pct(row, col), True, 0)])
+    mask = _brush_mask(first)
+    assert mask[row, col] and iou(gt, mask) > 0.3
+    nrow, ncol, positive = next_click(gt, mask, [(row, col)])
+    pair = [_keypoint(*_pct(row, col), True, 0), _keypoint(*_pct(nrow, ncol), positive, 1)]
+    regions = _interact(label_studio, project, pair)
+    assert iou(gt, _brush_mask(regions)) >= 0.5
+    poly = next(r for r in regions if r["type"] == "polygonlabels")
+    assert len(poly["value"]["points"]) >= 3
+
+    rows, cols = np.nonzero(gt == 1)
+    box = {
+        "x": cols.min() / 284 * 100,
+        "y": rows.min() / 398 * 100,
+        "width": (cols.max() - cols.min() + 1) / 284 * 100,
+        "height": (rows.max() - rows.min() + 1) / 398 * 100,
+        "rotation": 0,
+        "rectanglelabels": ["Object"],
+    }
+    rect = {
+        "original_width": 284,
+        "original_height": 398,
+        "image_rotation": 0,
+        "value": box,
+        "id": "rect_0",
+        "from_name": "rect",
+        "to_name": "image",
+        "type": "rectanglelabels",
+        "origin": "manual",
+    }
+    assert iou(gt, _brush_mask(_interact(label_studio, project, [rect]))) >= 0.5
+
+    # The annotator's result is storable as a prediction with Label Studio's validation on.
+    response = label_studio.api(
+        "POST",
+        "/api/predictions",
+        json={
+            "task": project.task_id,
+            "result": regions,
+            "score": regions[0]["score"],
+            "model_version": "tapmask-e2e",
+        },
+    )
+    assert response.status_code == 201, response.text
+    stored = label_studio.api("GET", f"/api/predictions/{response.json()['id']}").json()
+    assert {r["type"] for r in stored["result"]} == {"brushlabels", "polygonlabels"}
+
+
+def test_personal_access_token_with_legacy_tokens_disabled(label_studio, grabcut_dir):
+    response = label_studio.api("POST", "/api/token/")
+    assert response.status_code in (200, 201), response.text
+    pat = response.json()["token"]
+    bearer = LabelStudio(
+        label_studio.url, {"Authorization": f"Bearer {_access(label_studio, pat)}"}
+    )
+    settings = {"api_tokens_enabled": True, "legacy_api_tokens_enabled": False}
+    response = bearer.api("POST", "/api/jwt/settings", json=settings)
+    assert response.status_code in (200, 201), response.text
+    url, process = _backend({"LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": pat})
+    try:
+        # Label Studio's /setup still pushes the (now refused) legacy token: the PAT must win.
+        pat_project = _project(bearer, url, grabcut_dir)
+        row, col, _ = next_click(pat_project.gt, np.zeros(pat_project.gt.shape, bool))
+        regions = _interact(bearer, pat_project, [_keypoint(*_pct(row, col), True, 0)])
+        assert _brush_mask(regions)[row, col]
+    finally:
+        _stop(process)
+        bearer.api(
+            "POST", "/api/jwt/settings", json={**settings, "legacy_api_tokens_enabled": True}
+        )
+
+
+def _access(ls: LabelStudio, pat: str) -> str:
+    response = httpx.post(ls.url + "/api/token/refresh/", json={"refresh": pat}, timeout=30)
+    assert response.status_code == 200, response.text
+    return response.json()["access"]
