@@ -26,17 +26,10 @@ from backends.evaluation.clicker import ground_truth_from_label, iou, next_click
 from tests.conftest import REPO
 
 LS_BIN = Path(os.environ.get("TAPMASK_LABEL_STUDIO", REPO / ".venv-labelstudio/bin/label-studio"))
-CONFIG = """<View>
-  <Image name="image" value="$image"/>
-  <BrushLabels name="brush" toName="image"><Label value="Object" background="#FF0000"/></BrushLabels>
-  <PolygonLabels name="poly" toName="image"><Label value="Object" background="#00AAFF"/></PolygonLabels>
-  <KeyPointLabels name="kp" toName="image" smart="true">
-    <Label value="Object" smart="true" background="#FF0000"/>
-  </KeyPointLabels>
-  <RectangleLabels name="rect" toName="image" smart="true">
-    <Label value="Object" background="#FF0000"/>
-  </RectangleLabels>
-</View>"""
+# The labeling config users copy from the README: the test proves that one works.
+CONFIG = (
+    (REPO / "README.md").read_text().split("<!-- labeling-config -->\n```xml\n")[1].split("```")[0]
+)
 TOKEN = "e2e-legacy-token-0123456789"
 
 
