@@ -159,18 +159,20 @@ class Project:
     gt: np.ndarray
 
 
-def _project(ls: LabelStudio, backend_url: str, grabcut_dir: Path) -> Project:
+def _project(
+    ls: LabelStudio, backend_url: str, grabcut_dir: Path, image: str = "teddy.jpg"
+) -> Project:
     response = ls.api(
         "POST", "/api/projects", json={"title": "tapmask e2e", "label_config": CONFIG}
     )
     assert response.status_code == 201, response.text
     project_id = response.json()["id"]
-    image = grabcut_dir / "data_GT" / "teddy.jpg"
-    with image.open("rb") as handle:
+    path = grabcut_dir / "data_GT" / image
+    with path.open("rb") as handle:
         response = ls.api(
             "POST",
             f"/api/projects/{project_id}/import",
-            files={"file": ("teddy.jpg", handle, "image/jpeg")},
+            files={"file": (image, handle, "image/jpeg")},
         )
     assert response.status_code == 201, response.text
     tasks = ls.api("GET", "/api/tasks", params={"project": project_id}).json()
@@ -186,7 +188,8 @@ def _project(ls: LabelStudio, backend_url: str, grabcut_dir: Path) -> Project:
         },
     )
     assert response.status_code == 201, response.text
-    gt = ground_truth_from_label(cv2.imread(str(grabcut_dir / "boundary_GT" / "teddy.bmp")))
+    label = grabcut_dir / "boundary_GT" / (Path(image).stem + ".bmp")
+    gt = ground_truth_from_label(cv2.imread(str(label)))
     return Project(project_id, task_id, response.json()["id"], gt)
 
 
@@ -288,6 +291,43 @@ def test_clicks_and_box_through_label_studio(label_studio, project):
     assert response.status_code == 201, response.text
     stored = label_studio.api("GET", f"/api/predictions/{response.json()['id']}").json()
     assert {r["type"] for r in stored["result"]} == {"brushlabels", "polygonlabels"}
+
+
+def test_prefetch_command_warms_the_backend_for_a_whole_project(label_studio, backend, grabcut_dir):
+    def embeddings_cached() -> float:
+        text = httpx.get(backend + "/metrics", timeout=10).text
+        line = next(
+            x for x in text.splitlines() if x.startswith('tapmask_cache_entries{cache="embeddings')
+        )
+        return float(line.split()[-1])
+
+    fresh = _project(label_studio, backend, grabcut_dir, image="106024.jpg")
+    before = embeddings_cached()
+    env = {**os.environ, "LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": TOKEN}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "backends.cli",
+            "prefetch",
+            "--project",
+            str(fresh.id),
+            "--backend",
+            backend,
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "queued 1 task(s)" in proc.stdout
+    assert "100%" in proc.stderr  # the progress bar ran to the end
+    deadline = time.time() + 30
+    while embeddings_cached() <= before and time.time() < deadline:
+        time.sleep(0.2)
+    assert embeddings_cached() == before + 1  # the new project's image, computed in background
 
 
 def test_personal_access_token_with_legacy_tokens_disabled(label_studio, grabcut_dir):

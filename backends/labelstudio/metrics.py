@@ -18,13 +18,16 @@ class _CacheCollector(Collector):
         hits = CounterMetricFamily("tapmask_cache_hits", "cache hits", labels=["cache"])
         misses = CounterMetricFamily("tapmask_cache_misses", "cache misses", labels=["cache"])
         size = GaugeMetricFamily("tapmask_cache_bytes", "bytes held", labels=["cache"])
+        entries = GaugeMetricFamily("tapmask_cache_entries", "entries held", labels=["cache"])
         for cache, values in stats.items():
             hits.add_metric([cache], values.get("hits", 0))
             misses.add_metric([cache], values.get("misses", 0))
             size.add_metric([cache], values.get("bytes", 0))
+            entries.add_metric([cache], values.get("entries", 0))
         yield hits
         yield misses
         yield size
+        yield entries
 
 
 class Metrics:
