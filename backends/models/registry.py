@@ -86,3 +86,17 @@ register(
         extra="sam",
     )
 )
+for _variant, _file, _arch in (
+    ("h18", "coco_lvis_h18_itermask.pth", "HRNet18 + OCR64"),
+    ("h18s", "coco_lvis_h18s_itermask.pth", "HRNet18s + OCR48"),
+    ("h32", "coco_lvis_h32_itermask.pth", "HRNet32 + OCR128"),
+):
+    register(
+        ModelSpec(
+            f"ritm-{_variant}",
+            "backends.models.ritm:build",
+            f"RITM {_arch} click model, COCO+LVIS itermask (RITM_CHECKPOINT overrides)",
+            extra="ritm",
+            kwargs=(("default_checkpoint", _file), ("variant", _variant)),
+        )
+    )
