@@ -11,7 +11,7 @@ PORT ?= 9090
 # The pip extra a model family needs: the GrabCut default needs none (no torch download).
 SERVE_EXTRA := $(if $(filter sam sam-%,$(MODEL)),sam,$(if $(filter ritm%,$(MODEL)),ritm,))
 
-.PHONY: serve test lint format bench eval clean help
+.PHONY: serve test lint format bench eval clean help deploy-cvat
 help:
 	@echo "make serve   install the core (+ the MODEL's extra) and serve the Label Studio backend on $(HOST):$(PORT)"
 	@echo "make test    install everything and run the tests"
@@ -59,6 +59,11 @@ format: $(VENV)/.installed-all+dev
 
 bench: $(VENV)/.installed-all+dev
 	$(VENV)/bin/tapmask bench
+
+# CVAT: build and deploy the nuclio functions in serverless/ (needs nuctl and Docker).
+# GPU=1 uses function-gpu.yaml; FUNCTIONS="sam ritm" picks some (default: all).
+deploy-cvat:
+	serverless/deploy.sh $(if $(GPU),--gpu) $(FUNCTIONS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache eval-results

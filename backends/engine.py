@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -59,6 +59,20 @@ class EngineStats:
     encode_seconds: float = 0.0
     decode_seconds: float = 0.0
     state_hits: int = 0
+    shared_hits: int = 0  # embeddings taken from the shared tier instead of encoding
+
+
+class SharedEmbeddings(Protocol):
+    """A second-tier embedding cache shared between processes (e.g. ``RedisEmbeddingStore``).
+
+    It stores bytes; a model opts in by providing ``embedding_to_bytes(embedding)`` and
+    ``embedding_from_bytes(data)``. Implementations must not raise for a lookup or store that
+    fails (report a miss instead).
+    """
+
+    def get(self, model: str, image_key: str) -> bytes | None: ...
+
+    def put(self, model: str, image_key: str, data: bytes) -> None: ...
 
 
 ImageRef = bytes | str  # file bytes, or the sha256 of bytes the Engine has already seen
@@ -70,8 +84,10 @@ class Engine:
         models: dict[str, Segmenter] | None = None,
         config: EngineConfig | None = None,
         loader: Callable[..., Segmenter] = registry.create,
+        shared_embeddings: SharedEmbeddings | None = None,
     ) -> None:
         self.config = config or EngineConfig()
+        self.shared_embeddings = shared_embeddings
         self._loader = loader
         self._models: dict[str, Segmenter] = {}
         self._locks: dict[str, threading.Lock] = {}
@@ -138,12 +154,40 @@ class Engine:
         cache_key = (name, key)
         if cache_key in self.embeddings:
             return self.embeddings.get(cache_key)
-        started = time.perf_counter()
-        embedding = model.encode(image)
-        self.stats.encodes += 1
-        self.stats.encode_seconds += time.perf_counter() - started
+        embedding = self._shared_embedding(name, model, key)
+        if embedding is None:
+            started = time.perf_counter()
+            embedding = model.encode(image)
+            self.stats.encodes += 1
+            self.stats.encode_seconds += time.perf_counter() - started
+            self._share_embedding(name, model, key, embedding)
         self.embeddings.put(cache_key, embedding, nbytes(embedding))
         return embedding
+
+    def _shared_embedding(self, name: str, model: Segmenter, key: str) -> Any:
+        """The embedding from the shared tier, or None (no tier, model opts out, miss, error)."""
+        load = getattr(model, "embedding_from_bytes", None)
+        if self.shared_embeddings is None or load is None:
+            return None
+        try:
+            data = self.shared_embeddings.get(name, key)
+            if data is None:
+                return None
+            embedding = load(data)
+        except Exception:  # a corrupt or foreign entry is a miss, never a failed click
+            log.warning("unusable shared embedding for %s/%s", name, key[:12], exc_info=True)
+            return None
+        self.stats.shared_hits += 1
+        return embedding
+
+    def _share_embedding(self, name: str, model: Segmenter, key: str, embedding: Any) -> None:
+        dump = getattr(model, "embedding_to_bytes", None)
+        if self.shared_embeddings is None or dump is None or embedding is None:
+            return
+        try:
+            self.shared_embeddings.put(name, key, dump(embedding))
+        except Exception:
+            log.warning("could not share the embedding of %s/%s", name, key[:12], exc_info=True)
 
     def prefetch(self, name: str, image: ImageRef) -> str:
         """Compute and cache the image's embedding ahead of the first click."""
@@ -175,7 +219,7 @@ class Engine:
             if prompt.previous_mask is not None:
                 # A caller-supplied mask replaces the history: decode once, cache nothing.
                 return self._decode(model, array, embedding, prompt, None)[0]
-            steps = self._steps(prompt) if model.replays_history else [prompt]
+            steps = self._steps(prompt, model) if model.replays_history else [prompt]
             start, state, result = self._resume_point(name, key, model, prompt, steps)
             if result is not None:
                 return result  # the whole interaction is cached: a repeated request
@@ -206,9 +250,15 @@ class Engine:
         return 0, None, None
 
     @staticmethod
-    def _steps(prompt: Prompt) -> list[Prompt]:
-        """Every prefix of the interaction, in the order the annotator made it."""
-        first = 0 if prompt.box is not None else 1
+    def _steps(prompt: Prompt, model: Segmenter) -> list[Prompt]:
+        """Every prefix of the interaction, in the order the annotator made it.
+
+        A box is the first step for models that take one; models that do not (RITM) start at
+        the first click.
+        """
+        takes_box = getattr(model, "accepts_box", True)
+        box_step = prompt.box is not None and (takes_box or not prompt.clicks)
+        first = 0 if box_step else 1
         return [prompt.prefix(n) for n in range(first, len(prompt.clicks) + 1)]
 
     def _decode(

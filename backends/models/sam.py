@@ -14,7 +14,9 @@ model that silently produces garbage.
 
 from __future__ import annotations
 
+import json
 import os
+import struct
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -340,6 +342,9 @@ class SamEmbedding:
         return self.features.detach().to("cpu", torch.float32).numpy().copy()
 
 
+_SHARED_FORMAT = "tapmask-sam-embedding/1"
+
+
 def embedding_to_numpy(embedding: SamEmbedding) -> np.ndarray:
     return embedding.to_numpy()
 
@@ -415,6 +420,47 @@ class SamSegmenter:
         with self._lock:
             self.encode_calls += 1
         return SamEmbedding(features, (int(image.shape[0]), int(image.shape[1])), input_size)
+
+    # -- sharing between processes (the Engine's shared embedding tier) -----------------------
+
+    def embedding_to_bytes(self, embedding: SamEmbedding) -> bytes:
+        """Compact form for the shared cache: a small JSON header + the features in fp16."""
+        features = embedding.features.detach().to("cpu", torch.float16).contiguous().numpy()
+        header = json.dumps(
+            {
+                "format": _SHARED_FORMAT,
+                "shape": list(features.shape),
+                "original_size": list(embedding.original_size),
+                "input_size": list(embedding.input_size),
+            }
+        ).encode()
+        return struct.pack("<I", len(header)) + header + features.tobytes()
+
+    def embedding_from_bytes(self, data: bytes) -> SamEmbedding:
+        """Inverse of ``embedding_to_bytes``; float32 features on this model's device."""
+        (length,) = struct.unpack_from("<I", data)
+        header = json.loads(bytes(data[4 : 4 + length]))
+        if header.get("format") != _SHARED_FORMAT:
+            raise ValueError(f"not a shared SAM embedding: {header.get('format')!r}")
+        shape = tuple(int(v) for v in header["shape"])
+        expected = (
+            1,
+            self.model.prompt_encoder.embed_dim,
+            *self.model.prompt_encoder.image_embedding_size,
+        )
+        if shape != expected:
+            raise ValueError(f"shared embedding has shape {shape}, this model makes {expected}")
+        values = np.frombuffer(data, dtype=np.float16, offset=4 + length)
+        if values.size != int(np.prod(shape)):
+            raise ValueError("truncated shared embedding")
+        features = torch.from_numpy(values.reshape(shape).astype(np.float32)).to(self.device)
+        original = tuple(int(v) for v in header["original_size"])
+        input_size = tuple(int(v) for v in header["input_size"])
+        return SamEmbedding(features, original, input_size)  # type: ignore[arg-type]
+
+    def export_embedding(self, embedding: SamEmbedding) -> np.ndarray:
+        """``SamPredictor.get_image_embedding()`` as float32 numpy (CVAT's stock SAM plugin)."""
+        return embedding.to_numpy()
 
     # -- per click ---------------------------------------------------------------------------
 

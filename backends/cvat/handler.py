@@ -1,0 +1,162 @@
+"""The nuclio handler shared by every tapmask CVAT function: parse → dispatch → format.
+
+nuclio imports ``main.py`` of a function (a re-export of this module), calls
+:func:`init_context` once per worker process and :func:`handler` per request.
+
+Configuration is environment only (``spec.env`` in ``function.yaml``):
+
+``TAPMASK_MODEL``
+    registry name of the model to serve: ``grabcut`` (default), ``sam``, ``sam-vit_b|l|h``,
+    ``ritm-h18``, ``ritm-h18s``, ``ritm-h32``. Checkpoints come from the model's own variables
+    (``SAM_CHECKPOINT``, ``RITM_CHECKPOINT``, ``TAPMASK_MODELS_DIR``), never downloaded.
+``TAPMASK_CVAT_MODE``
+    ``decode`` (default): reply ``{mask, bounds, points}``. ``embedding``: reply ``{blob}``, the
+    SAM image embedding for CVAT's stock SAM browser plugin (function name
+    ``pth-facebookresearch-sam-vit-h``); SAM is then built with ``autocast=False`` because the
+    plugin's ONNX decoder expects fp32-faithful embeddings.
+``TAPMASK_DEVICE``
+    ``cpu``, ``cuda``, ``cuda:1``… (default: the model's own choice, CUDA when available).
+``TAPMASK_MODEL_OPTIONS``
+    optional JSON object of extra model-factory options, e.g. ``{"max_size": 800}`` for RITM
+    (tests pass a tiny SAM ``architecture`` this way).
+
+Errors never escape :func:`handler`: a ``TapmaskError`` answers its own 4xx/5xx status, anything
+else 500, always with a JSON ``{"error", "detail"}`` body, and the details are logged with
+``context.logger.error_with`` because CVAT shows the user only the status. An error in
+:func:`init_context` (missing checkpoint…) is logged and re-raised: nuclio then reports the
+function as failed at deploy time instead of serving 500s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import traceback
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from backends import images
+from backends.cvat import formats
+from backends.errors import ModelLoadError, TapmaskError
+from backends.queue import dispatcher_from_env
+
+ENV_MODEL = "TAPMASK_MODEL"
+ENV_MODE = "TAPMASK_CVAT_MODE"
+ENV_DEVICE = "TAPMASK_DEVICE"
+ENV_OPTIONS = "TAPMASK_MODEL_OPTIONS"
+
+MODE_DECODE = "decode"
+MODE_EMBEDDING = "embedding"
+MODES = (MODE_DECODE, MODE_EMBEDDING)
+
+DEFAULT_MODEL = {MODE_DECODE: "grabcut", MODE_EMBEDDING: "sam-vit_h"}
+
+#: The only function name CVAT's UI loads its SAM browser plugin for.
+STOCK_SAM_FUNCTION = "pth-facebookresearch-sam-vit-h"
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: str
+    mode: str = MODE_DECODE
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+def settings_from_env(environ: Mapping[str, str] | None = None) -> Settings:
+    """Read the function's configuration; raises ``ModelLoadError`` for unusable values."""
+    env = os.environ if environ is None else environ
+    mode = (env.get(ENV_MODE) or MODE_DECODE).strip().lower()
+    if mode not in MODES:
+        raise ModelLoadError(f"{ENV_MODE}={mode!r}: expected one of {', '.join(MODES)}")
+    model = (env.get(ENV_MODEL) or DEFAULT_MODEL[mode]).strip()
+    options: dict[str, Any] = {}
+    raw = env.get(ENV_OPTIONS, "").strip()
+    if raw:
+        try:
+            options = json.loads(raw)
+        except ValueError as exc:
+            raise ModelLoadError(f"{ENV_OPTIONS} is not valid JSON: {exc}") from None
+        if not isinstance(options, dict):
+            raise ModelLoadError(f"{ENV_OPTIONS} must be a JSON object, got {raw!r}")
+    device = (env.get(ENV_DEVICE) or "").strip()
+    if device:
+        options["device"] = device
+    if mode == MODE_EMBEDDING:
+        options["autocast"] = False
+    return Settings(model=model, mode=mode, options=options)
+
+
+def init_context(context: Any) -> None:
+    """Load the model once per worker; keep the dispatcher on ``context.user_data``."""
+    started = time.perf_counter()
+    try:
+        settings = settings_from_env()
+        if settings.mode == MODE_EMBEDDING and settings.model not in ("sam", "sam-vit_h"):
+            context.logger.warn_with(
+                "the stock CVAT SAM plugin decodes with a ViT-H decoder; other weights decode "
+                "badly with it (serve them in decode mode instead)",
+                model=settings.model,
+            )
+        dispatcher = dispatcher_from_env([settings.model], **settings.options)
+    except Exception as exc:
+        context.logger.error_with(
+            "tapmask: cannot start the function",
+            error=f"{type(exc).__name__}: {exc}",
+            traceback=traceback.format_exc(),
+        )
+        raise
+    context.user_data.settings = settings
+    context.user_data.dispatcher = dispatcher
+    context.user_data.click_order = formats.ClickOrder()
+    context.logger.info_with(
+        "tapmask ready",
+        model=settings.model,
+        mode=settings.mode,
+        seconds=round(time.perf_counter() - started, 3),
+    )
+
+
+def _respond(context: Any, body: str, status: int = 200) -> Any:
+    return context.Response(
+        body=body, headers={}, content_type="application/json", status_code=int(status)
+    )
+
+
+def _serve(context: Any, event: Any) -> str:
+    user = context.user_data
+    settings: Settings = user.settings
+    data = formats.request_data(event.body)
+    if settings.mode == MODE_EMBEDDING:
+        image = formats.parse_embedding_request(data)
+        return formats.embedding_reply(user.dispatcher.export_embedding(settings.model, image))
+    request = formats.parse_interactor_request(data)
+    prompt = user.click_order.prompt(images.sha256(request.image), request)
+    # ``request.threshold`` is validated but not applied: models return binary masks.
+    segmentation = user.dispatcher.segment(settings.model, request.image, prompt)
+    return formats.mask_reply(segmentation)
+
+
+def handler(context: Any, event: Any) -> Any:
+    """One CVAT request; always answers a JSON ``context.Response``, never raises."""
+    started = time.perf_counter()
+    try:
+        body = _serve(context, event)
+    except Exception as exc:
+        status, body = formats.error_reply(exc)
+        details: dict[str, Any] = {
+            "status": status,
+            "error": f"{type(exc).__name__}: {exc}",
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+        if not isinstance(exc, TapmaskError):
+            details["traceback"] = traceback.format_exc()
+        context.logger.error_with("tapmask: request failed", **details)
+        return _respond(context, body, status)
+    context.logger.debug_with(
+        "tapmask: answered",
+        bytes=len(body),
+        seconds=round(time.perf_counter() - started, 3),
+    )
+    return _respond(context, body)
