@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from backends.errors import TapmaskError
+from backends.worker_args import add_worker_arguments, add_workers_arguments
 
 
 def _parse_click(text: str):
@@ -121,12 +122,16 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def _not_yet(what: str):
-    def run(_args: argparse.Namespace) -> int:
-        print(f"tapmask {what}: not available in this version yet", file=sys.stderr)
-        return 2
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from backends.worker import run_worker
 
-    return run
+    return run_worker(args)
+
+
+def _cmd_workers(args: argparse.Namespace) -> int:
+    from backends.worker import list_workers
+
+    return list_workers(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -183,8 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
     prefetch.add_argument("--batch", type=int, default=20, help="tasks per /predict call")
     prefetch.set_defaults(func=_cmd_prefetch)
 
-    worker = sub.add_parser("worker", help="a Redis/rq worker")
-    worker.set_defaults(func=_not_yet("worker"))
+    worker = sub.add_parser("worker", help="a Redis/rq worker serving the shared queues")
+    add_worker_arguments(worker)
+    worker.set_defaults(func=_cmd_worker)
+
+    workers = sub.add_parser("workers", help="list live workers, their models and queue depths")
+    add_workers_arguments(workers)
+    workers.set_defaults(func=_cmd_workers)
     return parser
 
 

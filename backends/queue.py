@@ -4,11 +4,14 @@ Front ends call a ``Dispatcher`` and never touch the Engine directly, so switchi
 in-process default to the shared Redis worker pool is configuration, not code.
 ``LocalDispatcher`` runs the Engine in this process; prefetches (Label Studio task-open calls)
 run on a background thread so the request that triggered them answers at once.
+``RedisDispatcher`` (``backends.redis_queue``, imported only when used) sends the same calls to
+the shared worker pool: setting ``TAPMASK_REDIS_URL`` is the whole switch.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Protocol
@@ -102,9 +105,21 @@ class LocalDispatcher:
 def dispatcher_from_env(models: list[str], **options: object) -> Dispatcher:
     """The dispatcher a front end should use, chosen by configuration only.
 
-    The models are loaded here and run in-process. ``options`` go to the model factories
-    (checkpoint, device…).
+    With ``TAPMASK_REDIS_URL`` set: a ``RedisDispatcher`` for ``models`` (nothing is loaded
+    here, the workers own the models and their options; Redis is not contacted until the first
+    request, so a front end starts, and answers 503, while Redis or the workers are down).
+    Tuning: ``TAPMASK_QUEUE_TTL`` (s, default 5), ``TAPMASK_JOB_TIMEOUT`` (s, default 60),
+    ``TAPMASK_IMAGE_TTL`` (s, default 3600), ``TAPMASK_REDIS_NAMESPACE`` (default tapmask).
+
+    Without it, the models are loaded here and run in-process; ``options`` go to the model
+    factories (checkpoint, device…).
     """
+    if os.environ.get("TAPMASK_REDIS_URL"):
+        from backends.redis_queue import RedisDispatcher
+
+        if options:
+            log.info("Redis dispatcher: model options %s are the workers' business", options)
+        return RedisDispatcher.from_env(models)
     engine = Engine()
     engine.load(models, **options)
     return LocalDispatcher(engine)

@@ -8,7 +8,7 @@ import traceback
 
 from backends.benchmarks import BenchRow
 
-MODULES = ["codecs", "sam", "ritm"]
+MODULES = ["codecs", "sam", "ritm", "queue"]
 
 
 def _fmt(value: float, unit: str) -> str:
