@@ -11,7 +11,7 @@ PORT ?= 9090
 # The pip extra a model family needs: the GrabCut default needs none (no torch download).
 SERVE_EXTRA := $(if $(filter sam sam-%,$(MODEL)),sam,$(if $(filter ritm%,$(MODEL)),ritm,))
 
-.PHONY: serve test lint format bench eval clean help deploy-cvat
+.PHONY: serve test lint format bench eval clean help deploy-cvat docker-build lint-docker
 help:
 	@echo "make serve   install the core (+ the MODEL's extra) and serve the Label Studio backend on $(HOST):$(PORT)"
 	@echo "make test    install everything and run the tests"
@@ -49,7 +49,7 @@ serve: $(SERVE_STAMP)
 test: $(VENV)/.installed-all+dev $(LS_VENV)/.installed-$(LS_VERSION)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-lint: $(VENV)/.installed-all+dev
+lint: $(VENV)/.installed-all+dev lint-docker
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
@@ -64,6 +64,24 @@ bench: $(VENV)/.installed-all+dev
 # GPU=1 uses function-gpu.yaml; FUNCTIONS="sam ritm" picks some (default: all).
 deploy-cvat:
 	serverless/deploy.sh $(if $(GPU),--gpu) $(FUNCTIONS)
+
+# Docker: the images (serverless/*/nuclio/function*.yaml use them as baseImage), and their lint.
+# The Dockerfiles need BuildKit (RUN --mount, COPY --chmod): the default builder since Docker 23.
+TAPMASK_CPU_IMAGE ?= tapmask/tapmask-cpu:latest
+TAPMASK_GPU_IMAGE ?= tapmask/tapmask-gpu:latest
+DOCKER_BUILD_ARGS ?=
+COMPOSE_CHECK := $(VENV)/bin/docker-compose
+
+docker-build:
+	DOCKER_BUILDKIT=1 docker build -f docker/Dockerfile -t $(TAPMASK_CPU_IMAGE) $(DOCKER_BUILD_ARGS) .
+	DOCKER_BUILDKIT=1 docker build -f docker/Dockerfile.gpu -t $(TAPMASK_GPU_IMAGE) $(DOCKER_BUILD_ARGS) .
+
+# Checks that need no Docker engine: hadolint, and the real Compose CLI resolving every file.
+lint-docker: $(VENV)/.installed-all+dev
+	$(VENV)/bin/hadolint docker/Dockerfile docker/Dockerfile.gpu
+	$(COMPOSE_CHECK) -f docker/compose.yml config --quiet
+	$(COMPOSE_CHECK) -f docker/compose.yml -f docker/compose.cpu.yml config --quiet
+	$(COMPOSE_CHECK) -f docker/compose.yml --profile label-studio config --quiet
 
 clean:
 	rm -rf $(VENV) .pytest_cache eval-results
