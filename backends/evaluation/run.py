@@ -58,6 +58,7 @@ def write_plot(path: Path, curves: dict[str, list[SampleResult]], max_clicks: in
     ax.set_xlabel("clicks")
     ax.set_ylabel("mean IoU")
     ax.set_xlim(1, max_clicks)
+    ax.set_xticks(clicks[:: max(1, max_clicks // 10)])
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend()
