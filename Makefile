@@ -9,7 +9,9 @@ MODEL ?= grabcut
 HOST ?= 0.0.0.0
 PORT ?= 9090
 # The pip extra a model family needs: the GrabCut default needs none (no torch download).
-SERVE_EXTRA := $(if $(filter sam sam-%,$(MODEL)),sam,$(if $(filter ritm%,$(MODEL)),ritm,))
+# (The transformers-based names are tested first: they also start with "sam".)
+HF_MODELS := sam2.1-% sam-hq-% sam-hf-% edgetam
+SERVE_EXTRA := $(if $(filter $(HF_MODELS),$(MODEL)),hf,$(if $(filter sam sam-%,$(MODEL)),sam,$(if $(filter ritm%,$(MODEL)),ritm,)))
 
 .PHONY: serve test lint format bench eval clean help deploy-cvat docker-build lint-docker
 help:

@@ -106,9 +106,19 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def _cmd_weights(args: argparse.Namespace) -> int:
     from backends import weights
+    from backends.models import hf
 
+    if args.convert:
+        print(hf.convert_sam_checkpoint(*args.convert))
+        return 0
+    if not args.names:
+        print("tapmask weights: name a model (tapmask models) or use --convert", file=sys.stderr)
+        return 2
     for name in args.names:
-        print(weights.download(name, Path(args.dest) if args.dest else None))
+        if name in hf.MODELS:
+            print(hf.download(name, Path(args.dest) / name if args.dest else None))
+        else:
+            print(weights.download(name, Path(args.dest) if args.dest else None))
     return 0
 
 
@@ -163,7 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=_cmd_bench)
 
     weights = sub.add_parser("weights", help="download official checkpoints (needs internet)")
-    weights.add_argument("names", nargs="+")
+    weights.add_argument("names", nargs="*")
+    weights.add_argument(
+        "--convert",
+        nargs=2,
+        metavar=("SRC_PTH", "DEST_DIR"),
+        help="convert a segment-anything .pth into a Hugging Face directory (sam-hf-*)",
+    )
     weights.add_argument("--dest")
     weights.set_defaults(func=_cmd_weights)
 

@@ -100,3 +100,8 @@ for _variant, _file, _arch in (
             kwargs=(("default_checkpoint", _file), ("variant", _variant)),
         )
     )
+
+from backends.models import hf as _hf  # noqa: E402  (the name table only: no torch/transformers)
+
+for _info in _hf.MODELS.values():
+    register(ModelSpec(_info.name, "backends.models.hf:build", _info.description, extra="hf"))

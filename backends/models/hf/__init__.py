@@ -1,0 +1,268 @@
+"""Model families served through Hugging Face ``transformers``: SAM 2.1, HQ-SAM, EdgeTAM, and SAM
+checkpoints in Hugging Face format.
+
+Every model loads from a *local directory* holding ``config.json`` + ``model.safetensors`` (plus,
+optionally, the processor's ``preprocessor_config.json``), with ``local_files_only=True``: nothing
+is downloaded at serve time and no pickle is ever read. The directory is, in order:
+
+1. the ``checkpoint=`` argument (``--checkpoint`` on the command line);
+2. the family's environment override (``SAM2_MODEL_DIR``, ``SAM_HQ_MODEL_DIR``,
+   ``EDGETAM_MODEL_DIR``, ``SAM_HF_MODEL_DIR``);
+3. ``$TAPMASK_MODELS_DIR/<name>`` (``models_dir()``), where ``tapmask weights <name>`` puts it.
+
+This module is import-light (no torch, no transformers): the registry, the CLI's ``weights``
+command and ``download`` use it on machines without the model stack. ``build`` imports the heavy
+parts when a model is actually loaded.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from backends.errors import ModelLoadError, ModelNotFound
+from backends.weights import models_dir
+
+if TYPE_CHECKING:
+    from backends.models.hf.common import HfSegmenter
+
+
+@dataclass(frozen=True)
+class Family:
+    """What one transformers model family needs: classes, accepted config types, env override."""
+
+    key: str  # "sam", "sam_hq", "sam2", "edgetam"
+    label: str  # for messages: "SAM 2.1"
+    model_class: str  # transformers class name
+    model_types: tuple[str, ...]  # accepted ``config.json`` model_type values
+    env: str  # directory override for every model of the family
+    module: str  # backends.models.hf.<module> builds its segmenter
+
+
+@dataclass(frozen=True)
+class HfModel:
+    """One registry name: its family, official hub repository and size fingerprint."""
+
+    name: str
+    family: Family
+    repo_id: str
+    description: str
+    #: ``config.json`` values that identify this size: dotted path -> expected value. A directory
+    #: of another size is refused (``check_variant=False`` turns the check off, for tests).
+    fingerprint: Mapping[str, Any] = field(default_factory=dict)
+    variant: str = ""  # "vit_b", "tiny"… (default configs for random_weights builds)
+
+
+SAM = Family(
+    "sam", "SAM (Hugging Face format)", "SamModel", ("sam",), "SAM_HF_MODEL_DIR", "sam_family"
+)
+SAM_HQ = Family("sam_hq", "HQ-SAM", "SamHQModel", ("sam_hq",), "SAM_HQ_MODEL_DIR", "sam_family")
+SAM2 = Family(
+    "sam2", "SAM 2.1", "Sam2Model", ("sam2", "sam2_video"), "SAM2_MODEL_DIR", "sam2_family"
+)
+EDGETAM = Family(
+    "edgetam",
+    "EdgeTAM",
+    "EdgeTamModel",
+    ("edgetam", "edgetam_video"),
+    "EDGETAM_MODEL_DIR",
+    "sam2_family",
+)
+FAMILIES = {family.key: family for family in (SAM, SAM_HQ, SAM2, EDGETAM)}
+
+_VIT = {  # SAM ViT encoder sizes: (width, depth)
+    "vit_b": (768, 12),
+    "vit_l": (1024, 24),
+    "vit_h": (1280, 32),
+}
+_VIT_NAMES = {"vit_b": "base", "vit_l": "large", "vit_h": "huge"}
+_HIERA = {  # SAM 2.1 Hiera sizes: (embed dim, blocks per stage), as in the official configs
+    "tiny": (96, [1, 2, 7, 2]),
+    "small": (96, [1, 2, 11, 2]),
+    "base-plus": (112, [2, 3, 16, 3]),
+    "large": (144, [2, 6, 36, 4]),
+}
+
+
+def _sam_models() -> dict[str, HfModel]:
+    table: dict[str, HfModel] = {}
+    for size, (hiera_dim, blocks) in _HIERA.items():
+        name = f"sam2.1-hiera-{size}"
+        table[name] = HfModel(
+            name,
+            SAM2,
+            f"facebook/sam2.1-hiera-{size}",
+            f"SAM 2.1 Hiera-{size.upper() if size != 'base-plus' else 'B+'} (transformers)",
+            {
+                "vision_config.backbone_config.hidden_size": hiera_dim,
+                "vision_config.backbone_config.blocks_per_stage": blocks,
+            },
+            size,
+        )
+    for variant, (width, depth) in _VIT.items():
+        short = variant[-1]
+        fingerprint = {"vision_config.hidden_size": width, "vision_config.num_hidden_layers": depth}
+        table[f"sam-hq-vit-{short}"] = HfModel(
+            f"sam-hq-vit-{short}",
+            SAM_HQ,
+            f"syscv-community/sam-hq-vit-{_VIT_NAMES[variant]}",
+            f"HQ-SAM ViT-{short.upper()} (transformers)",
+            fingerprint,
+            variant,
+        )
+        table[f"sam-hf-vit-{short}"] = HfModel(
+            f"sam-hf-vit-{short}",
+            SAM,
+            f"facebook/sam-vit-{_VIT_NAMES[variant]}",
+            f"Segment Anything ViT-{short.upper()}, Hugging Face format (transformers)",
+            fingerprint,
+            variant,
+        )
+    table["edgetam"] = HfModel(
+        "edgetam",
+        EDGETAM,
+        "yonigozlan/EdgeTAM-hf",
+        "EdgeTAM: RepViT-M1 SAM 2 for the edge (transformers; needs timm)",
+        {
+            "vision_config.backbone_channel_list": [384, 192, 96, 48],
+            "vision_config.fpn_hidden_size": 256,
+        },
+        "edgetam",
+    )
+    return table
+
+
+#: Every model of this package by registry name.
+MODELS: dict[str, HfModel] = _sam_models()
+
+#: Files fetched from the hub: the model, its config and the processor's config; nothing else.
+HUB_FILES = (
+    "config.json",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "model-*-of-*.safetensors",
+    "preprocessor_config.json",
+    "processor_config.json",
+)
+
+
+def names() -> list[str]:
+    return sorted(MODELS)
+
+
+def model_info(name: str) -> HfModel:
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise ModelNotFound(
+            f"unknown transformers model {name!r}; known: {', '.join(names())}"
+        ) from None
+
+
+def model_directory(name: str, checkpoint: str | os.PathLike[str] | None = None) -> Path:
+    """Where model ``name`` is read from: ``checkpoint``, else the family's env, else
+    ``$TAPMASK_MODELS_DIR/<name>``."""
+    info = model_info(name)
+    if checkpoint is not None:
+        return Path(checkpoint).expanduser()
+    env = os.environ.get(info.family.env)
+    if env:
+        return Path(env).expanduser()
+    return models_dir() / name
+
+
+def build(
+    name: str,
+    checkpoint: str | os.PathLike[str] | None = None,
+    device: Any = None,
+    **options: Any,
+) -> HfSegmenter:
+    """Registry factory for every name in ``MODELS``.
+
+    ``checkpoint``: the model directory (see the module docstring for the default).
+    Options: ``autocast`` (bf16 for the image encoder on CUDA; default on where supported),
+    ``check_variant`` (refuse a directory of another size; default True),
+    ``random_weights=True`` (the official architecture, untrained, no file read: benchmarks),
+    ``hq_token_only`` (HQ-SAM: the HQ mask alone instead of SAM + HQ; default False),
+    ``fuse_backbone`` (EdgeTAM: fuse the RepViT backbone for inference, run it channels-last;
+    default True).
+    """
+    import importlib
+
+    info = model_info(name)
+    try:
+        module = importlib.import_module(f"backends.models.hf.{info.family.module}")
+    except ImportError as exc:
+        raise ModelLoadError(
+            f"model {name!r} needs {exc.name or exc} (pip install 'tapmask[hf]')"
+        ) from exc
+    factory: Callable[..., HfSegmenter] = module.build
+    return factory(info, checkpoint=checkpoint, device=device, **options)
+
+
+def download(
+    name: str,
+    dest: str | os.PathLike[str] | None = None,
+    *,
+    revision: str | None = None,
+    snapshot_download: Callable[..., str] | None = None,
+) -> Path:
+    """Fetch model ``name`` from the Hugging Face hub into ``dest`` (default
+    ``$TAPMASK_MODELS_DIR/<name>``) and return the directory. Needs internet; serving never
+    calls it. Only ``HUB_FILES`` are fetched (safetensors, configs): no pickled weights.
+
+    ``snapshot_download`` replaces ``huggingface_hub.snapshot_download`` (tests).
+    """
+    info = model_info(name)
+    target = Path(dest).expanduser() if dest is not None else models_dir() / name
+    if snapshot_download is None:
+        try:
+            from huggingface_hub import snapshot_download
+        except ImportError as exc:
+            raise ModelLoadError(
+                f"downloading {name!r} needs huggingface_hub (pip install 'tapmask[hf]')"
+            ) from exc
+    target.mkdir(parents=True, exist_ok=True)
+    try:
+        snapshot_download(
+            repo_id=info.repo_id,
+            revision=revision,
+            local_dir=str(target),
+            allow_patterns=list(HUB_FILES),
+        )
+    except Exception as exc:  # network, auth, missing repo: all reported the same way
+        raise ModelLoadError(f"downloading {info.repo_id} for {name!r} failed: {exc}") from exc
+    if not (target / "config.json").is_file():
+        raise ModelLoadError(f"{info.repo_id} has no config.json; nothing usable in {target}")
+    if not any(target.glob("model*.safetensors")):
+        raise ModelLoadError(
+            f"{info.repo_id} has no safetensors weights (only those are loaded); see {target}"
+        )
+    return target
+
+
+def convert_sam_checkpoint(
+    src: str | os.PathLike[str], dst: str | os.PathLike[str], **options: Any
+) -> Path:
+    """A segment-anything ``.pth`` state dict → a ``sam-hf-*`` directory (see ``convert``)."""
+    from backends.models.hf.convert import convert_sam_checkpoint as convert
+
+    return convert(src, dst, **options)
+
+
+__all__ = [
+    "FAMILIES",
+    "HUB_FILES",
+    "MODELS",
+    "Family",
+    "HfModel",
+    "build",
+    "convert_sam_checkpoint",
+    "download",
+    "model_directory",
+    "model_info",
+    "names",
+]
