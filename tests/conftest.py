@@ -43,3 +43,21 @@ def tiny_sam_checkpoint(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("sam") / "tiny_sam.pth"
     torch.save(model.state_dict(), path)
     return path
+
+
+@pytest.fixture(scope="session")
+def edgetam_dir(tmp_path_factory) -> Path:
+    """A real-size EdgeTAM (RepViT-M1 + SAM 2 heads) with random weights, saved the way the hub
+    stores it (config.json + model.safetensors + processor), so the real loader and its size check
+    accept it. 37 MB; one encode takes well under a second on a CPU."""
+    import torch
+    from transformers import EdgeTamModel, Sam2ImageProcessor, Sam2Processor
+
+    from backends.models import hf
+    from backends.models.hf.sam2_family import default_config
+
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("models") / "edgetam"
+    EdgeTamModel(default_config(hf.model_info("edgetam"))).save_pretrained(str(directory))
+    Sam2Processor(image_processor=Sam2ImageProcessor()).save_pretrained(str(directory))
+    return directory

@@ -117,7 +117,9 @@ def label_studio(tmp_path_factory) -> Iterator[LabelStudio]:
         log.close()
 
 
-def _backend(env_extra: dict[str, str]) -> tuple[str, subprocess.Popen]:
+def _backend(
+    env_extra: dict[str, str], model_args: tuple[str, ...] = ("--model", "grabcut")
+) -> tuple[str, subprocess.Popen]:
     port = _free_port()
     env = {**os.environ, **env_extra}
     process = subprocess.Popen(
@@ -131,8 +133,7 @@ def _backend(env_extra: dict[str, str]) -> tuple[str, subprocess.Popen]:
             "127.0.0.1",
             "--port",
             str(port),
-            "--model",
-            "grabcut",
+            *model_args,
         ],
         cwd=REPO,
         env=env,
@@ -358,3 +359,21 @@ def _access(ls: LabelStudio, pat: str) -> str:
     response = httpx.post(ls.url + "/api/token/refresh/", json={"refresh": pat}, timeout=30)
     assert response.status_code == 200, response.text
     return response.json()["access"]
+
+
+def test_edgetam_through_label_studio(label_studio, grabcut_dir, edgetam_dir):
+    """The CPU-class SAM 2 served to the real Label Studio (random weights: the mask is not
+    meaningful, the protocol is: a visible brush of the natural size and a polygon)."""
+    args = ("--model", "edgetam", "--checkpoint", str(edgetam_dir), "--device", "cpu")
+    url, process = _backend({"LABEL_STUDIO_URL": "", "LABEL_STUDIO_API_KEY": ""}, args)
+    try:
+        edgetam_project = _project(label_studio, url, grabcut_dir)
+        row, col, _ = next_click(edgetam_project.gt, np.zeros(edgetam_project.gt.shape, bool))
+        clicks = [_keypoint(*_pct(row, col), True, 0)]
+        assert _brush_mask(_interact(label_studio, edgetam_project, clicks)).any()
+        clicks.append(_keypoint(*_pct(5, 5), False, 1))
+        regions = _interact(label_studio, edgetam_project, clicks)
+        assert {r["type"] for r in regions} == {"brushlabels", "polygonlabels"}
+        assert all(r["value"].get("brushlabels", r["value"].get("polygonlabels")) for r in regions)
+    finally:
+        _stop(process)
