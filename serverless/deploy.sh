@@ -29,7 +29,7 @@ set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(cd "$HERE/.." && pwd)"
-FUNCTIONS=(grabcut sam sam-embedding ritm)
+FUNCTIONS=(grabcut sam sam-embedding ritm sam2 edgetam)
 FALLBACK_BASE_IMAGE="python:3.11-slim"
 DEFAULT_MODELS_DIR="/opt/tapmask/models"
 

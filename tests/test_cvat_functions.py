@@ -24,7 +24,7 @@ from backends.cvat import handler as cvat_handler
 from backends.models import registry
 
 SERVERLESS = Path(__file__).resolve().parents[1] / "serverless"
-FUNCTIONS = {"grabcut", "sam", "sam-embedding", "ritm"}
+FUNCTIONS = {"grabcut", "sam", "sam-embedding", "ritm", "sam2", "edgetam"}
 YAMLS = sorted(SERVERLESS.glob("*/nuclio/function*.yaml"))
 MiB = 1 << 20
 #: Being registered in backends/models/registry.py alongside the RITM models.
@@ -187,7 +187,7 @@ def test_environment_build_and_weights(path):
         assert model in ("sam", "sam-vit_h"), "the plugin's decoder is exported for ViT-H"
 
     # Weights: a read-only volume at /models, never baked into the image or downloaded.
-    checkpoints = {k: v for k, v in env.items() if k.endswith("_CHECKPOINT")}
+    checkpoints = {k: v for k, v in env.items() if k.endswith(("_CHECKPOINT", "_MODEL_DIR"))}
     volumes = spec.get("volumes", [])
     if name == "grabcut":
         assert not checkpoints and not volumes
@@ -203,6 +203,7 @@ def test_environment_build_and_weights(path):
     text = " ".join(commands)
     assert not re.search(r"curl|wget|\.pth|ADD ", text), "no weights in the image"
     extra = {"grabcut": "tapmask", "sam": "'tapmask[sam]'", "sam-embedding": "'tapmask[sam]'"}
+    extra |= {"sam2": "'tapmask[hf]'", "edgetam": "'tapmask[hf]'"}
     expected = extra.get(name, "'tapmask[ritm]'")
     installs = [
         c for c in directives["postCopy"] if "--find-links /opt/nuclio/wheels" in c["value"]
