@@ -116,7 +116,7 @@ def create_app(
         if engine is not None:
             for cache in (engine.images, engine.embeddings, engine.states):
                 stats[cache.name] = vars(cache.stats)
-        stats["image-downloads"] = vars(client._cache.stats)
+        stats["image-downloads"] = vars(client.cache.stats)
         return stats
 
     metrics = Metrics(cache_stats)

@@ -104,7 +104,7 @@ class ImageClient:
         self._http = httpx.Client(
             timeout=timeout, follow_redirects=True, transport=transport, trust_env=False
         )
-        self._cache: LRUCache[bytes] = LRUCache(cache_bytes, "image-bytes")
+        self.cache: LRUCache[bytes] = LRUCache(cache_bytes, "image-bytes")
         self._access: dict[tuple[str, str], tuple[str, float]] = {}  # (url, PAT) → access, exp
         self._lock = threading.Lock()
 
@@ -112,7 +112,7 @@ class ImageClient:
         self._http.close()
 
     # -- authentication ----------------------------------------------------------------------
-    def _auth_header(self, creds: Credentials) -> dict[str, str]:
+    def auth_header(self, creds: Credentials) -> dict[str, str]:
         if not creds.token:
             return {}
         if not is_jwt(creds.token):
@@ -167,14 +167,14 @@ class ImageClient:
         if url.startswith("data:"):
             return self._data_uri(url)
         absolute = self.resolve(url, creds)
-        cached = self._cache.get(absolute)
+        cached = self.cache.get(absolute)
         if cached is not None:
             return cached
         parts = urlsplit(absolute)
         same_host = creds.origin == (parts.scheme, parts.netloc)
-        headers = self._auth_header(creds) if same_host else {}
+        headers = self.auth_header(creds) if same_host else {}
         data = self._download(absolute, headers)
-        self._cache.put(absolute, data, len(data))
+        self.cache.put(absolute, data, len(data))
         return data
 
     def _download(self, url: str, headers: dict[str, str]) -> bytes:

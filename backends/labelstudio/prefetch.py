@@ -17,10 +17,6 @@ from tqdm import tqdm
 from backends.labelstudio.client import Credentials, ImageClient
 
 
-def _ls_headers(client: ImageClient, creds: Credentials) -> dict[str, str]:
-    return client._auth_header(creds)
-
-
 def prefetch_project(project: int, backend: str, ls_url: str | None, batch: int) -> int:
     if not ls_url:
         print("tapmask prefetch: set LABEL_STUDIO_URL or pass --label-studio", file=sys.stderr)
@@ -28,7 +24,7 @@ def prefetch_project(project: int, backend: str, ls_url: str | None, batch: int)
     creds = Credentials(ls_url, os.environ.get("LABEL_STUDIO_API_KEY"))
     image_client = ImageClient()
     with httpx.Client(base_url=ls_url, timeout=60, trust_env=False) as ls:
-        headers = _ls_headers(image_client, creds)
+        headers = image_client.auth_header(creds)
         project_info = ls.get(f"/api/projects/{project}", headers=headers)
         project_info.raise_for_status()
         label_config = project_info.json()["label_config"]
