@@ -21,10 +21,16 @@ class BenchRow:
     target: str = ""  # e.g. ">= 20x faster"
     passed: bool | None = None  # whether the target holds, None when there is no target
     note: str = ""
+    higher_is_better: bool = False  # throughput rows: the ratio is ours / baseline
+    show_ratio: bool = True  # False where the row compares a difference, not a ratio
 
     @property
     def ratio(self) -> float:
-        return self.baseline / self.ours if self.ours else float("inf")
+        """How many times better ours is than the baseline."""
+        better, worse = (
+            (self.ours, self.baseline) if self.higher_is_better else (self.baseline, self.ours)
+        )
+        return better / worse if worse else float("inf")
 
 
 def median_time(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> float:

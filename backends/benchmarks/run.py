@@ -38,7 +38,7 @@ def main(only: list[str] | None = None) -> int:
         verdict = "" if row.passed is None else ("  ok" if row.passed else "  MISSED")
         print(
             f"{row.name:58} {_fmt(row.ours, row.unit)} {_fmt(row.baseline, row.unit)} "
-            f"{row.ratio:8.1f}x  {row.target}{verdict}"
+            f"{f'{row.ratio:8.1f}x' if row.show_ratio else '       -'}  {row.target}{verdict}"
         )
         if row.note:
             print(f"{'':60}{row.note}")
