@@ -36,7 +36,8 @@ from segment_anything.modeling import (
 )
 from segment_anything.utils.transforms import ResizeLongestSide
 
-from backends.errors import ImageError, ModelLoadError
+from backends.errors import ModelLoadError
+from backends.models.torch_utils import auto_device, rgb
 from backends.prompts import Prompt, Segmentation
 from backends.weights import OFFICIAL_WEIGHTS, models_dir
 
@@ -349,23 +350,6 @@ def embedding_to_numpy(embedding: SamEmbedding) -> np.ndarray:
     return embedding.to_numpy()
 
 
-def _auto_device(device: str | torch.device | None) -> torch.device:
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def _rgb(image: np.ndarray) -> np.ndarray:
-    image = np.asarray(image)
-    if image.ndim == 2:
-        image = np.repeat(image[:, :, None], 3, axis=2)
-    if image.ndim != 3 or image.shape[2] not in (3, 4) or image.shape[0] < 1 or image.shape[1] < 1:
-        raise ImageError(f"expected an H×W×3 RGB image, got shape {image.shape}")
-    if image.dtype != np.uint8:
-        raise ImageError(f"expected a uint8 image, got {image.dtype}")
-    return np.ascontiguousarray(image[:, :, :3])
-
-
 class SamSegmenter:
     """SAM behind the ``Segmenter`` protocol; holds no per-image state between calls."""
 
@@ -384,7 +368,7 @@ class SamSegmenter:
         self.name = name
         self.model_type = model_type
         self.checkpoint = checkpoint
-        self.device = _auto_device(device)
+        self.device = auto_device(device)
         self.model = model.to(self.device).eval()
         self.transform = ResizeLongestSide(self.model.image_encoder.img_size)
         if autocast is None:
@@ -403,7 +387,7 @@ class SamSegmenter:
 
     def encode(self, image: np.ndarray) -> SamEmbedding:
         """``SamPredictor.set_image`` (RGB input): resize, normalise + pad, image encoder."""
-        image = _rgb(image)
+        image = rgb(image)
         input_image = self.transform.apply_image(image)
         with torch.inference_mode():
             tensor = torch.as_tensor(input_image, device=self.device)

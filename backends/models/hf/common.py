@@ -25,8 +25,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from backends.errors import ImageError, ModelLoadError
+from backends.errors import ModelLoadError
 from backends.models.hf import HfModel
+from backends.models.torch_utils import auto_device, rgb
 from backends.prompts import Prompt, Segmentation
 
 log = logging.getLogger(__name__)
@@ -230,23 +231,6 @@ def load_image_processor(image_processor_class: Any, directory: Path | None) -> 
         raise ModelLoadError(
             f"cannot read the image processor settings in {source}: {exc}"
         ) from exc
-
-
-def auto_device(device: str | torch.device | None) -> torch.device:
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def rgb(image: np.ndarray) -> np.ndarray:
-    image = np.asarray(image)
-    if image.ndim == 2:
-        image = np.repeat(image[:, :, None], 3, axis=2)
-    if image.ndim != 3 or image.shape[2] not in (3, 4) or image.shape[0] < 1 or image.shape[1] < 1:
-        raise ImageError(f"expected an H×W×3 RGB image, got shape {image.shape}")
-    if image.dtype != np.uint8:
-        raise ImageError(f"expected a uint8 image, got {image.dtype}")
-    return np.ascontiguousarray(image[:, :, :3])
 
 
 # --------------------------------------------------------------------------------------------

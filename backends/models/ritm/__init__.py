@@ -23,6 +23,7 @@ from backends.models.ritm.loader import load_checkpoint
 from backends.models.ritm.model import HRNetModel, RitmConfig
 from backends.models.ritm.predictor import NetClick, PredictorState, RitmPredictor, ZoomParams
 from backends.models.ritm.segmenter import RitmSegmenter, RitmState
+from backends.models.torch_utils import auto_device
 from backends.weights import models_dir
 
 __all__ = [
@@ -101,11 +102,9 @@ def build(
             config.small,
             variant,
         )
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     predictor = RitmPredictor(
         net,
-        device,
+        auto_device(device),
         prob_thresh=prob_thresh,
         with_flip=with_flip,
         zoom_in=ZoomParams(target_size=zoom_target),
