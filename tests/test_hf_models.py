@@ -575,7 +575,6 @@ VIT_B_REDUCED = {
 
 @pytest.fixture(scope="module")
 def fidelity(tmp_path_factory):
-    pytest.importorskip("segment_anything")
     from backends.models import sam
 
     root = tmp_path_factory.mktemp("fidelity")
@@ -639,7 +638,6 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
 @pytest.mark.parametrize("variant", ["vit_b", "vit_l", "vit_h"])
 def test_key_mapping_covers_the_official_architectures(variant):
     """Every official segment-anything key maps onto a SamModel key of the same shape."""
-    pytest.importorskip("segment_anything")
     from segment_anything import sam_model_registry
     from transformers import SamModel
 
