@@ -30,6 +30,8 @@ from typing import Any
 import pytest
 import yaml
 
+from backends.benchmarks.redis_procs import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 DOCKER = REPO / "docker"
 DOCKERFILES = {"cpu": DOCKER / "Dockerfile", "gpu": DOCKER / "Dockerfile.gpu"}
@@ -707,12 +709,6 @@ def run_healthcheck(*args: str, env: dict[str, str] | None = None) -> tuple[int,
         timeout=60,
     )
     return done.returncode, done.stdout.strip()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="module")

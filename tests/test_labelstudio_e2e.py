@@ -8,7 +8,6 @@ are the ones its frontend makes: connect an interactive ML backend, then
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ import numpy as np
 import pytest
 from label_studio_sdk.converter.brush import decode_rle
 
+from backends.benchmarks.redis_procs import free_port
 from backends.evaluation.clicker import ground_truth_from_label, iou, next_click
 from tests.conftest import REPO
 
@@ -31,12 +31,6 @@ CONFIG = (
     (REPO / "README.md").read_text().split("<!-- labeling-config -->\n```xml\n")[1].split("```")[0]
 )
 TOKEN = "e2e-legacy-token-0123456789"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _wait(url: str, process: subprocess.Popen, seconds: float) -> None:
@@ -73,7 +67,7 @@ class LabelStudio:
 @pytest.fixture(scope="module")
 def label_studio(tmp_path_factory) -> Iterator[LabelStudio]:
     assert LS_BIN.exists(), f"{LS_BIN} missing: `make test` installs Label Studio 1.23.2 there"
-    port = _free_port()
+    port = free_port()
     data_dir = tmp_path_factory.mktemp("ls-data")
     env = {
         **os.environ,
@@ -120,7 +114,7 @@ def label_studio(tmp_path_factory) -> Iterator[LabelStudio]:
 def _backend(
     env_extra: dict[str, str], model_args: tuple[str, ...] = ("--model", "grabcut")
 ) -> tuple[str, subprocess.Popen]:
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, **env_extra}
     process = subprocess.Popen(
         [
