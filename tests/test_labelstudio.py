@@ -361,3 +361,12 @@ def test_metrics_report_requests_and_cache_hits(fake_ls, teddy):
     assert 'tapmask_requests_total{endpoint="/predict",status="200"} 2.0' in text
     assert 'tapmask_cache_hits_total{cache="image-downloads"} 1.0' in text
     assert "tapmask_request_seconds_bucket" in text
+
+
+def test_oversized_request_body_is_refused_before_it_is_read(fake_ls):
+    client = _client(fake_ls, max_request_bytes=1000)
+    response = client.post(
+        "/predict", content=b"x" * 2000, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 413 and "limit" in response.json()["detail"]
+    assert client.get("/health").status_code == 200

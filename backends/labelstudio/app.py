@@ -61,6 +61,10 @@ class Settings:
     basic_auth_pass: str | None = field(
         default_factory=lambda: os.environ.get("BASIC_AUTH_PASS") or None
     )
+    # Label Studio sends every annotation and prediction of a task (with their RLEs) along.
+    max_request_bytes: int = field(
+        default_factory=lambda: int(float(os.environ.get("TAPMASK_MAX_REQUEST_MB", 256)) * 2**20)
+    )
     prefetch_threads: int = 2
     polygon_tolerance: float = 1.0
 
@@ -137,8 +141,18 @@ def create_app(
     ) -> Response:
         endpoint = request.url.path
         started = time.perf_counter()
-        if settings.basic_auth_user and not _basic_auth_ok(request, settings):
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > settings.max_request_bytes:
             response: Response = JSONResponse(
+                {
+                    "error": "request_too_large",
+                    "detail": f"request body of {int(declared)} bytes is over the "
+                    f"{settings.max_request_bytes}-byte limit (TAPMASK_MAX_REQUEST_MB)",
+                },
+                status_code=413,
+            )
+        elif settings.basic_auth_user and not _basic_auth_ok(request, settings):
+            response = JSONResponse(
                 {"error": "unauthorized", "detail": "basic authentication required"},
                 status_code=401,
                 headers={"WWW-Authenticate": 'Basic realm="tapmask"'},
