@@ -37,33 +37,19 @@ from segment_anything.modeling import (
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from backends.errors import ModelLoadError
-from backends.models.torch_utils import auto_device, rgb
+from backends.models.torch_utils import (
+    SAM_VIT_ARCHITECTURES,
+    auto_device,
+    check_embedding_matches,
+    rgb,
+)
 from backends.prompts import Prompt, Segmentation
 from backends.weights import OFFICIAL_WEIGHTS, models_dir
 
 MODEL_TYPES = ("vit_b", "vit_l", "vit_h")
 
 #: Encoder sizes of the official checkpoints (as in ``segment_anything.build_sam``).
-OFFICIAL_ARCHITECTURES: dict[str, dict[str, Any]] = {
-    "vit_b": {
-        "encoder_embed_dim": 768,
-        "encoder_depth": 12,
-        "encoder_num_heads": 12,
-        "encoder_global_attn_indexes": (2, 5, 8, 11),
-    },
-    "vit_l": {
-        "encoder_embed_dim": 1024,
-        "encoder_depth": 24,
-        "encoder_num_heads": 16,
-        "encoder_global_attn_indexes": (5, 11, 17, 23),
-    },
-    "vit_h": {
-        "encoder_embed_dim": 1280,
-        "encoder_depth": 32,
-        "encoder_num_heads": 16,
-        "encoder_global_attn_indexes": (7, 15, 23, 31),
-    },
-}
+OFFICIAL_ARCHITECTURES = SAM_VIT_ARCHITECTURES
 
 _PATCH_EMBED_KEY = "image_encoder.patch_embed.proj.weight"
 _TYPE_BY_WIDTH = {
@@ -475,11 +461,7 @@ class SamSegmenter:
         """
         if not isinstance(embedding, SamEmbedding):
             raise TypeError(f"expected a SamEmbedding from {self.name}.encode, got {embedding!r}")
-        height, width = embedding.original_size
-        if tuple(np.shape(image)[:2]) != (height, width):
-            raise ValueError(
-                f"image is {np.shape(image)[:2]}, the embedding was made for {(height, width)}"
-            )
+        check_embedding_matches(image, embedding.original_size)
 
         with torch.inference_mode():
             points = labels = box = mask_input = None

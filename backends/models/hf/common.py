@@ -27,7 +27,7 @@ import torch
 
 from backends.errors import ModelLoadError
 from backends.models.hf import HfModel
-from backends.models.torch_utils import auto_device, rgb
+from backends.models.torch_utils import auto_device, check_embedding_matches, rgb
 from backends.prompts import Prompt, Segmentation
 
 log = logging.getLogger(__name__)
@@ -428,11 +428,7 @@ class HfSegmenter:
         """
         if not isinstance(embedding, HfEmbedding):
             raise TypeError(f"expected an HfEmbedding from {self.name}.encode, got {embedding!r}")
-        height, width = embedding.original_size
-        if tuple(np.shape(image)[:2]) != (height, width):
-            raise ValueError(
-                f"image is {np.shape(image)[:2]}, the embedding was made for {(height, width)}"
-            )
+        check_embedding_matches(image, embedding.original_size)
         with torch.inference_mode():
             inputs = self._prompt_inputs(prompt, embedding)
             if state is None:

@@ -26,28 +26,10 @@ from typing import Any
 import torch
 
 from backends.errors import ModelLoadError
+from backends.models.torch_utils import SAM_VIT_ARCHITECTURES
 
-#: segment-anything ViT sizes by patch-embedding width (as ``backends.models.sam``).
-OFFICIAL_ARCHITECTURES: dict[str, dict[str, Any]] = {
-    "vit_b": {
-        "encoder_embed_dim": 768,
-        "encoder_depth": 12,
-        "encoder_num_heads": 12,
-        "encoder_global_attn_indexes": (2, 5, 8, 11),
-    },
-    "vit_l": {
-        "encoder_embed_dim": 1024,
-        "encoder_depth": 24,
-        "encoder_num_heads": 16,
-        "encoder_global_attn_indexes": (5, 11, 17, 23),
-    },
-    "vit_h": {
-        "encoder_embed_dim": 1280,
-        "encoder_depth": 32,
-        "encoder_num_heads": 16,
-        "encoder_global_attn_indexes": (7, 15, 23, 31),
-    },
-}
+#: segment-anything ViT sizes (one table, shared with ``backends.models.sam``).
+OFFICIAL_ARCHITECTURES = SAM_VIT_ARCHITECTURES
 _PATCH_EMBED_KEY = "image_encoder.patch_embed.proj.weight"
 
 #: Plain substring renames, applied in order to every key.
