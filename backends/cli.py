@@ -11,7 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from backends.errors import TapmaskError
-from backends.worker_args import add_worker_arguments, add_workers_arguments
+from backends.redis.pool import add_pool_arguments, add_worker_arguments
+from backends.settings import model_name
 
 
 def _parse_click(text: str):
@@ -75,8 +76,8 @@ def _cmd_segment(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from backends.dispatch import dispatcher_from_env
     from backends.labelstudio.app import Settings, create_app
-    from backends.queue import dispatcher_from_env
 
     options = {k: v for k, v in (("checkpoint", args.checkpoint), ("device", args.device)) if v}
     dispatcher = dispatcher_from_env([args.model], **options)  # models load before serving
@@ -133,15 +134,15 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
-    from backends.worker import run_worker
+    from backends.redis.worker import run_worker
 
     return run_worker(args)
 
 
 def _cmd_workers(args: argparse.Namespace) -> int:
-    from backends.worker import list_workers
+    from backends.redis.pool import print_pool
 
-    return list_workers(args)
+    return print_pool(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -153,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("image")
     seg.add_argument("--click", action="append", type=_parse_click, metavar="X,Y[,+|-]")
     seg.add_argument("--box", type=_parse_box, metavar="X1,Y1,X2,Y2")
-    seg.add_argument("--model", default=os.environ.get("MODEL", "grabcut"))
+    seg.add_argument("--model", default=model_name())
     seg.add_argument("--checkpoint")
     seg.add_argument("--out", required=True, help="mask.png (0/255) or polygons.json")
     seg.add_argument("--tolerance", type=float, default=1.0, help="polygon simplification, px")
@@ -190,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("frontend", choices=["labelstudio"])
     serve.add_argument("--host", default=os.environ.get("HOST", "0.0.0.0"))
     serve.add_argument("--port", type=int, default=int(os.environ.get("PORT", "9090")))
-    serve.add_argument("--model", default=os.environ.get("MODEL", "grabcut"))
+    serve.add_argument("--model", default=model_name())
     serve.add_argument("--checkpoint", help="model checkpoint (default: the model's env/dir)")
     serve.add_argument("--device", help="cpu, cuda, cuda:1 … (default: CUDA when present)")
     serve.set_defaults(func=_cmd_serve)
@@ -209,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.set_defaults(func=_cmd_worker)
 
     workers = sub.add_parser("workers", help="list live workers, their models and queue depths")
-    add_workers_arguments(workers)
+    add_pool_arguments(workers)
     workers.set_defaults(func=_cmd_workers)
     return parser
 

@@ -1,10 +1,15 @@
-"""Typed errors shared by every layer.
+"""Every error a request can end in, each with the HTTP status a front end answers and a code.
 
-Each error carries the HTTP status a front end should answer with, so handlers map any failure
-to a clear 4xx/5xx JSON body without a table of special cases.
+Each subclass of ``TapmaskError`` names its status and a *unique* code in its class line
+(``class PromptError(TapmaskError, ValueError, status=400, code="bad_prompt")``). Codes travel:
+front ends answer ``{"error": code, "detail": text}``, and a Redis worker's error comes back to
+the dispatcher as its code, which ``error_class(code)`` turns into the same class again. A
+duplicate code is refused when the class is defined, so one code always means one status.
 """
 
 from __future__ import annotations
+
+from typing import Any, ClassVar
 
 
 class TapmaskError(Exception):
@@ -12,75 +17,119 @@ class TapmaskError(Exception):
 
     status: int = 500
     code: str = "internal_error"
+    _by_code: ClassVar[dict[str, type[TapmaskError]]] = {}
+
+    def __init_subclass__(cls, *, status: int, code: str, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        taken = TapmaskError._by_code.get(code)
+        if taken is not None:
+            raise TypeError(f"error code {code!r} of {cls.__name__} is taken by {taken.__name__}")
+        cls.status, cls.code = int(status), code
+        TapmaskError._by_code[code] = cls
 
     def to_dict(self) -> dict[str, str]:
         return {"error": self.code, "detail": str(self)}
 
+    def __str__(self) -> str:  # KeyError subclasses would quote the message
+        return str(self.args[0]) if self.args else self.code
 
-class PromptError(TapmaskError, ValueError):
+
+TapmaskError._by_code["internal_error"] = TapmaskError
+
+
+def error_class(code: str) -> type[TapmaskError] | None:
+    """The class that answers with ``code``, or None for a code this version does not know."""
+    return TapmaskError._by_code.get(code)
+
+
+def error_codes() -> dict[str, type[TapmaskError]]:
+    """Every known code and its class (documentation, tests)."""
+    return dict(TapmaskError._by_code)
+
+
+# -- the request itself ------------------------------------------------------------------------
+
+
+class BadRequest(TapmaskError, ValueError, status=400, code="bad_request"):
+    """A body that is not what the protocol expects: not JSON, not an object, no image field."""
+
+
+class InvalidRequest(TapmaskError, ValueError, status=422, code="invalid_request"):
+    """A well-formed body whose fields do not validate (wrong types, unknown fields)."""
+
+
+class RequestTooLarge(TapmaskError, ValueError, status=413, code="request_too_large"):
+    """A request body, or a count or nesting inside it, over a configured bound."""
+
+
+class PromptError(TapmaskError, ValueError, status=400, code="bad_prompt"):
     """Clicks or box that cannot be used: non-finite, far outside the image, inverted, empty."""
 
-    status = 400
-    code = "bad_prompt"
+
+class LabelConfigError(TapmaskError, ValueError, status=422, code="bad_label_config"):
+    """A Label Studio labeling config that cannot be parsed or has no usable controls."""
 
 
-class ImageError(TapmaskError, ValueError):
+# -- images ----------------------------------------------------------------------------------
+
+
+class ImageError(TapmaskError, ValueError, status=400, code="bad_image"):
     """Bytes that are not a readable image."""
 
-    status = 400
-    code = "bad_image"
 
-
-class ImageTooLarge(ImageError):
+class ImageTooLarge(ImageError, status=413, code="image_too_large"):
     """An image over the configured pixel or byte limit (decompression bombs included)."""
 
-    status = 413
-    code = "image_too_large"
 
-
-class UnknownImage(TapmaskError, KeyError):
+class UnknownImage(TapmaskError, KeyError, status=409, code="unknown_image"):
     """An image referred to by its sha256 key that this process has never seen (resend bytes)."""
 
-    status = 409
-    code = "unknown_image"
 
-    def __str__(self) -> str:  # KeyError would quote the message
-        return str(self.args[0]) if self.args else "unknown image"
+class ImageFetchError(TapmaskError, status=502, code="image_fetch_failed"):
+    """The image URL could not be downloaded (the server answered an error or is unreachable)."""
 
 
-class ModelNotFound(TapmaskError, KeyError):
+class ImageNotFound(ImageFetchError, status=404, code="image_not_found"):
+    """The image URL answered 404."""
+
+
+class ImageAuthError(ImageFetchError, status=502, code="image_auth_failed"):
+    """The image host refused our credentials (401/403), or the token exchange failed."""
+
+
+# -- models ----------------------------------------------------------------------------------
+
+
+class ModelNotFound(TapmaskError, KeyError, status=404, code="unknown_model"):
     """A model name that is not registered or not served here."""
 
-    status = 404
-    code = "unknown_model"
 
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else "unknown model"
-
-
-class ModelLoadError(TapmaskError, RuntimeError):
+class ModelLoadError(TapmaskError, RuntimeError, status=500, code="model_load_failed"):
     """A model that cannot be built: missing extra, missing or mismatched checkpoint."""
 
-    status = 500
-    code = "model_load_failed"
+
+class Unsupported(TapmaskError, RuntimeError, status=400, code="unsupported"):
+    """The served model cannot do what the request asks (e.g. export an image embedding)."""
 
 
-class EmptyMask(TapmaskError, RuntimeError):
+class BadEmbedding(TapmaskError, RuntimeError, status=500, code="bad_embedding"):
+    """The served model's embedding is not what the client expects (a configuration error)."""
+
+
+class EmptyMask(TapmaskError, RuntimeError, status=422, code="empty_mask"):
     """The model found nothing for this prompt; tools break on empty masks, so it is an error."""
 
-    status = 422
-    code = "empty_mask"
+
+# -- capacity and time -------------------------------------------------------------------------
 
 
-class Unavailable(TapmaskError, RuntimeError):
+class Unavailable(TapmaskError, RuntimeError, status=503, code="unavailable"):
     """No worker or backing service can take the request right now."""
 
-    status = 503
-    code = "unavailable"
 
-
-class Timeout(TapmaskError, TimeoutError):
+class Timeout(TapmaskError, TimeoutError, status=504, code="timeout"):
     """The request was accepted but no result came back in time."""
 
-    status = 504
-    code = "timeout"
+
+class WorkerReplyError(TapmaskError, RuntimeError, status=502, code="bad_worker_reply"):
+    """A worker answered something that is not a tapmask reply (version skew, corruption)."""

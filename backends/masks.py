@@ -12,6 +12,7 @@ This module deliberately imports nothing from ``backends`` so workers can use it
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,7 +31,7 @@ __all__ = [
     "ls_rle_to_mask",
     "mask_bbox",
     "mask_to_coco_rle",
-    "mask_to_cvat_crop",
+    "mask_to_cvat_crop_json",
     "mask_to_cvat_rle",
     "mask_to_ls_rle",
     "mask_to_polygons",
@@ -601,16 +602,40 @@ def cvat_rle_to_mask(rle: Sequence[float], height: int, width: int) -> BoolMask:
     return out
 
 
-def mask_to_cvat_crop(mask: ArrayLike) -> dict[str, list[Any]]:
-    """Interactor answer: ``{"mask": 0/255 rows of the crop, "bounds": [x1, y1, x2, y2]}``.
+def _crop_rows_json(crop: BoolMask) -> bytes:
+    """``json.dumps(crop.astype(int).tolist())`` (compact, 0/1), vectorised: every pixel is two
+    bytes (digit + separator), so a 6 MP crop takes tens of milliseconds instead of seconds."""
+    height, width = crop.shape
+    chars = np.empty((height, 2 * width + 2), np.uint8)  # "[d,d,…,d]," per row
+    chars[:, 0] = ord("[")
+    chars[:, 1 : 2 * width : 2] = np.where(crop, ord("1"), ord("0"))
+    chars[:, 2 : 2 * width - 1 : 2] = ord(",")
+    chars[:, 2 * width] = ord("]")
+    chars[:, 2 * width + 1] = ord(",")
+    return b"[" + chars.tobytes()[:-1] + b"]"
+
+
+def mask_to_cvat_crop_json(mask: ArrayLike, **fields: Any) -> str:
+    """Interactor answer as JSON text: ``{"mask": 0/1 rows of the crop, "bounds": [x1, y1, x2,
+    y2], **fields}`` (compact; ``fields`` are JSON-encoded, e.g. ``points``).
 
     The crop is the inclusive bounding box: ``y2 - y1 + 1`` rows of ``x2 - x1 + 1`` values.
-    Raises ``ValueError`` for an empty mask.
+    CVAT's UI takes 0/1 or 0/255 (``shared/protocols/cvat.md``); 0/1 is the format's floor of
+    two bytes per crop pixel. Raises ``ValueError`` for an empty mask.
     """
     m = _as_mask(mask)
     x1, y1, x2, y2 = _require_bbox(m)
-    crop = m[y1 : y2 + 1, x1 : x2 + 1].astype(np.uint8) * np.uint8(255)
-    return {"mask": crop.tolist(), "bounds": [x1, y1, x2, y2]}
+    parts = [
+        b'{"mask":' + _crop_rows_json(m[y1 : y2 + 1, x1 : x2 + 1]),
+        b'"bounds":' + json.dumps([x1, y1, x2, y2], separators=(",", ":")).encode(),
+    ]
+    for key, value in fields.items():
+        parts.append(json.dumps(key).encode() + b":" + _compact_json(value))
+    return (b",".join(parts) + b"}").decode("ascii")
+
+
+def _compact_json(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":"), allow_nan=False).encode()
 
 
 def cvat_crop_to_mask(crop: Mapping[str, Any], height: int, width: int) -> BoolMask:

@@ -8,7 +8,7 @@ name the mode they want.
 Modes:
   auto          (default) look at the container's command line (PID 1, through docker-init or
                 tini) and check what it runs: ``tapmask serve labelstudio`` -> labelstudio,
-                ``tapmask worker`` / ``python -m backends.worker`` -> worker, nuclio's
+                ``tapmask worker`` / ``python -m backends.cli worker`` -> worker, nuclio's
                 ``processor`` -> nuclio; any other command passes (nothing long-running to check)
   labelstudio   ``GET http://127.0.0.1:PORT/health`` answers 200 ``{"status": "UP"}`` (with the
                 container's BASIC_AUTH_USER/BASIC_AUTH_PASS when set)
@@ -77,11 +77,9 @@ def detect(argv: Sequence[str]) -> tuple[str, list[str]]:
     if names and names[0] == "processor":
         return "nuclio", []
     for i, name in enumerate(names):
-        if name == "-m" and i + 1 < len(args) and args[i + 1] == "backends.worker":
-            rest = args[i + 2 :]
-            return ("none" if rest[:1] == ["list"] else "worker"), rest
-        if name in ENTRY_PROGRAMS:
-            rest = args[i + 1 :]
+        module = name == "-m" and i + 1 < len(args) and args[i + 1] == "backends.cli"
+        if module or name in ENTRY_PROGRAMS:
+            rest = args[i + 2 :] if module else args[i + 1 :]
             if rest and os.path.basename(rest[0]) == "processor":
                 return "nuclio", []
             words = [a for a in rest if not a.startswith("-")]
@@ -165,7 +163,8 @@ def check_worker(url: str, namespace: str, name: str | None, timeout: float) -> 
     """This container's worker is registered and its presence key (a heartbeat with a TTL of a
     few seconds) is fresh: the process is alive, connected, and not wedged."""
     try:
-        from backends.redis_queue import Keys, live_workers
+        from backends.redis.presence import live_workers
+        from backends.redis.protocol import Keys
     except ImportError:  # tapmask without the queue: Redis reachability is all we can check
         return check_redis(url, timeout)
     connection = _redis(url, timeout)

@@ -38,7 +38,8 @@ def test_core_imports_and_segments_with_torch_unimportable(grabcut_dir, tmp_path
     proc = _run(
         f"""
         import backends.prompts, backends.images, backends.masks, backends.engine
-        import backends.queue, backends.cli, backends.models.registry, backends.models.grabcut
+        import backends.dispatch, backends.cli, backends.models.registry, backends.models.grabcut
+        import backends.labelstudio.app, backends.cvat.handler, backends.redis.dispatcher
         from backends.cli import main
         args = ["segment", {str(image)!r}, "--click", "150,200", "--out", {str(out_png)!r}]
         assert main(args) == 0

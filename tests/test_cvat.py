@@ -1,8 +1,9 @@
 """The CVAT nuclio handler, driven like nuclio runs it and checked like CVAT's UI reads it.
 
-Requests are built as CVAT's lambda manager builds them (``tests/cvat_harness.py``); each function
-is configured from its own ``serverless/<name>/nuclio/function.yaml`` environment, with test
-overrides only for checkpoints (tiny random SAMs instead of the official files).
+Requests are built as CVAT's lambda manager builds them (``tests/support/cvat_harness.py``);
+each function is configured from its own ``serverless/<name>/nuclio/function.yaml``
+environment, with test overrides only for checkpoints (tiny random SAMs instead of the
+official files).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from backends.cvat.handler import (
 from backends.errors import EmptyMask, ModelLoadError, PromptError
 from backends.prompts import Box, Click, Prompt, Segmentation
 from tests.conftest import TINY_SAM
-from tests.cvat_harness import (
+from tests.support.cvat_harness import (
     NuclioFunction,
     check_error_reply,
     check_mask_reply,
@@ -617,17 +618,6 @@ def test_click_order_memory_is_per_image_and_bounded():
 # formats: replies
 
 
-@pytest.mark.parametrize("shape", [(1, 1), (1, 7), (7, 1), (13, 17), (64, 3)])
-def test_mask_rows_json_equals_json_dumps(shape):
-    rng = np.random.default_rng(sum(shape))
-    crop = rng.random(shape) < 0.5
-    expected = json.dumps((crop.astype(np.uint8) * 255).tolist(), separators=(",", ":"))
-    assert formats.mask_rows_json(crop) == expected
-    assert formats.mask_rows_json(np.ones(shape, bool)) == json.dumps(
-        np.full(shape, 255).tolist(), separators=(",", ":")
-    )
-
-
 def test_mask_reply_crops_and_outlines():
     mask = np.zeros((40, 50), bool)
     mask[10:20, 5:30] = True
@@ -635,7 +625,7 @@ def test_mask_reply_crops_and_outlines():
     body = json.loads(formats.mask_reply(Segmentation(mask, 0.9, "m")))
     assert body["bounds"] == [5, 10, 40, 19]
     crop = np.asarray(body["mask"])
-    assert crop.shape == (10, 36) and set(np.unique(crop)) == {0, 255}
+    assert crop.shape == (10, 36) and set(np.unique(crop)) == {0, 1}
     np.testing.assert_array_equal(crop > 0, mask[10:20, 5:41])
     assert sorted(map(tuple, body["points"])) == [(5, 10), (5, 19), (29, 10), (29, 19)]
 

@@ -1,10 +1,10 @@
 import numpy as np
 
 from backends import images
+from backends.dispatch import LocalDispatcher
 from backends.engine import Engine
 from backends.models.grabcut import GrabCutSegmenter
 from backends.prompts import Click, Prompt
-from backends.queue import LocalDispatcher
 from tests.test_engine import CountingModel
 
 

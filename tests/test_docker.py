@@ -30,7 +30,7 @@ from typing import Any
 import pytest
 import yaml
 
-from backends.benchmarks.redis_procs import free_port
+from tests.support.processes import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKER = REPO / "docker"
@@ -672,8 +672,8 @@ def hc():
         (["/sbin/docker-init", "--", "tapmask-entrypoint"], "labelstudio"),  # image default
         (["python", "/opt/venv/bin/tapmask", "-v", "worker", "--models", "grabcut"], "worker"),
         (["/sbin/docker-init", "--", "tapmask-entrypoint", "worker", "--models", "x"], "worker"),
-        (["/opt/venv/bin/python", "-m", "backends.worker", "--models", "grabcut"], "worker"),
-        (["/opt/venv/bin/python", "-m", "backends.worker", "list"], "none"),
+        (["/opt/venv/bin/python", "-m", "backends.cli", "worker", "--models", "grabcut"], "worker"),
+        (["/opt/venv/bin/python", "-m", "backends.cli", "workers"], "none"),
         (["processor"], "nuclio"),
         (["/usr/local/bin/processor"], "nuclio"),
         (["/sbin/docker-init", "--", "tapmask-entrypoint", "processor"], "nuclio"),
@@ -813,14 +813,14 @@ def test_healthcheck_url(hc) -> None:
 @pytest.fixture(scope="module")
 def redis_server():
     assert shutil.which("redis-server"), "redis-server missing (.ci/run installs it)"
-    from backends.benchmarks.redis_procs import RedisServer
+    from tests.support.processes import RedisServer
 
     with RedisServer() as server:
         yield server
 
 
 def test_healthcheck_worker(redis_server, tmp_path) -> None:
-    from backends.benchmarks.redis_procs import WorkerProcess
+    from tests.support.processes import WorkerProcess
 
     url = redis_server.url
     code, out = run_healthcheck("redis", "--redis-url", url)

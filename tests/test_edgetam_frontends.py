@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from backends.benchmarks.redis_procs import RedisServer, WorkerProcess
 from backends.prompts import Click, Prompt
-from backends.redis_queue import RedisDispatcher
-from tests.cvat_harness import NuclioFunction, check_mask_reply, cvat_payload, function_env
+from backends.redis.dispatcher import RedisDispatcher
+from tests.support.cvat_harness import NuclioFunction, check_mask_reply, cvat_payload, function_env
+from tests.support.processes import RedisServer, WorkerProcess
 
 
 def test_cvat_function_serves_edgetam(edgetam_dir, grabcut_dir):

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from backends.benchmarks.redis_procs import RedisServer, WorkerProcess
+from backends.dispatch import dispatcher_from_env
 from backends.evaluation.clicker import ground_truth_from_label, iou, next_click
 from backends.labelstudio.app import Settings, create_app
 from backends.labelstudio.client import ImageClient
-from backends.queue import dispatcher_from_env
-from backends.redis_queue import RedisDispatcher
-from tests.cvat_harness import NuclioFunction, check_mask_reply, cvat_payload, function_env
-from tests.fake_labelstudio import FakeLabelStudio
+from backends.redis.dispatcher import RedisDispatcher
+from tests.support.cvat_harness import NuclioFunction, check_mask_reply, cvat_payload, function_env
+from tests.support.fake_labelstudio import FakeLabelStudio
+from tests.support.processes import RedisServer, WorkerProcess
 from tests.test_labelstudio import CONFIG, _keypoint, _predict_body
 
 

@@ -11,13 +11,13 @@ from fastapi.testclient import TestClient
 from label_studio_sdk.converter.brush import decode_rle
 
 from backends import images, masks
+from backends.dispatch import LocalDispatcher
 from backends.engine import Engine
 from backends.evaluation.clicker import ground_truth_from_label, iou, next_click
 from backends.labelstudio.app import Settings, create_app
 from backends.labelstudio.client import ImageClient
 from backends.models.grabcut import GrabCutSegmenter
-from backends.queue import LocalDispatcher
-from tests.fake_labelstudio import FakeLabelStudio
+from tests.support.fake_labelstudio import FakeLabelStudio
 from tests.test_engine import CountingModel
 
 CONFIG = """<View>
@@ -337,7 +337,8 @@ def test_malformed_json_and_oversized_download(fake_ls, teddy):
     response = client.post(
         "/predict", content=b"{not json", headers={"content-type": "application/json"}
     )
-    assert response.status_code == 422 and "JSON" in response.json()["detail"]
+    assert response.status_code == 400 and "JSON" in response.json()["detail"]
+    assert response.json()["error"] == "bad_request"  # the same code and status as CVAT's
     client.app.state.image_client.max_bytes = 1000
     response = client.post("/predict", json=_predict_body([_keypoint(50, 50)]))
     assert response.status_code == 413 and "limit" in response.json()["detail"]

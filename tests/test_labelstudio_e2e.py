@@ -21,9 +21,9 @@ import numpy as np
 import pytest
 from label_studio_sdk.converter.brush import decode_rle
 
-from backends.benchmarks.redis_procs import free_port
 from backends.evaluation.clicker import ground_truth_from_label, iou, next_click
 from tests.conftest import REPO
+from tests.support.processes import free_port
 
 LS_BIN = Path(os.environ.get("TAPMASK_LABEL_STUDIO", REPO / ".venv-labelstudio/bin/label-studio"))
 # The labeling config users copy from the README: the test proves that one works.

@@ -343,22 +343,38 @@ def test_cvat_rle_rejects_bad_input() -> None:
 def test_cvat_crop_round_trip(name: str) -> None:
     mask = SYNTHETIC[name]
     h, w = mask.shape
-    crop = M.mask_to_cvat_crop(mask)
+    crop = json.loads(M.mask_to_cvat_crop_json(mask))
     x1, y1, x2, y2 = crop["bounds"]
     assert (x1, y1, x2, y2) == M.mask_bbox(mask)
     rows = crop["mask"]
     assert len(rows) == y2 - y1 + 1
     assert all(len(row) == x2 - x1 + 1 for row in rows)
     values = {v for row in rows for v in row}
-    assert values <= {0, 255} and 255 in values
+    assert values <= {0, 1} and 1 in values
     assert all(type(v) is int for row in rows for v in row)
-    json.dumps(crop)
     assert np.array_equal(M.cvat_crop_to_mask(crop, h, w), mask)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 7), (7, 1), (13, 17), (64, 3)])
+def test_cvat_crop_json_equals_json_dumps(shape) -> None:
+    rng = np.random.default_rng(sum(shape))
+    crop = rng.random(shape) < 0.5
+    crop[0, 0] = True  # the bounding box is the whole array
+    crop[-1, -1] = True
+    expected = {"mask": crop.astype(int).tolist(), "bounds": [0, 0, shape[1] - 1, shape[0] - 1]}
+    text = M.mask_to_cvat_crop_json(crop, points=[[0, 0]])
+    assert text == json.dumps({**expected, "points": [[0, 0]]}, separators=(",", ":"))
+
+
+def test_cvat_crop_json_is_two_bytes_per_pixel() -> None:
+    mask = np.ones((396, 557), bool)  # a 1080p frame's object, as measured for the README
+    size = len(M.mask_to_cvat_crop_json(mask))
+    assert size < 2 * mask.size + 2 * mask.shape[0] + 64
 
 
 def test_cvat_crop_rejects_bad_input() -> None:
     with pytest.raises(ValueError, match="empty mask"):
-        M.mask_to_cvat_crop(np.zeros((5, 5), np.uint8))
+        M.mask_to_cvat_crop_json(np.zeros((5, 5), np.uint8))
     with pytest.raises(ValueError, match="shape"):
         M.cvat_crop_to_mask({"mask": [[255, 0]], "bounds": [0, 0, 2, 0]}, 5, 5)
     with pytest.raises(ValueError, match="bounds"):
@@ -489,7 +505,7 @@ def test_polygon_to_percent() -> None:
         M.mask_to_coco_rle,
         M.mask_to_ls_rle,
         M.mask_to_cvat_rle,
-        M.mask_to_cvat_crop,
+        M.mask_to_cvat_crop_json,
         M.mask_bbox,
     ],
 )

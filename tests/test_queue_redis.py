@@ -1,10 +1,10 @@
 """The Redis/rq path with a real redis-server and real worker processes.
 
 One private ``redis-server`` per module (a free loopback port, no persistence; the restart test
-stops and starts it on the same port). Worker processes are ``python -m backends.worker`` with
-``--plugin tests.queue_models``, which registers small reporting test models (see that module);
-each model name is served only by the workers of the test that uses it, so tests do not steal
-each other's jobs. Every process a test starts is stopped in its fixture.
+stops and starts it on the same port). Worker processes are ``tapmask worker`` with
+``--plugin tests.support.queue_models``, which registers small reporting test models (see that
+module); each model name is served only by the workers of the test that uses it, so tests do
+not steal each other's jobs. Every process a test starts is stopped in its fixture.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from rq.results import Result
 from rq.serializers import JSONSerializer
 
 from backends import images
-from backends.benchmarks.redis_procs import RedisServer, WorkerProcess
+from backends.dispatch import LocalDispatcher, dispatcher_from_env
 from backends.engine import Engine
 from backends.errors import (
     EmptyMask,
@@ -36,19 +36,14 @@ from backends.errors import (
     UnknownImage,
 )
 from backends.prompts import Click, Prompt
-from backends.queue import LocalDispatcher, dispatcher_from_env
-from backends.redis_queue import (
-    SEGMENT_JOB,
-    Keys,
-    RedisDispatcher,
-    RedisEmbeddingStore,
-    error_from_payload,
-    error_to_payload,
-)
-from backends.worker import list_workers
+from backends.redis.dispatcher import RedisDispatcher
+from backends.redis.embeddings import RedisEmbeddingStore
+from backends.redis.pool import print_pool
+from backends.redis.protocol import SEGMENT_JOB, Keys, error_from_reply, error_reply
 from tests.conftest import TINY_SAM
+from tests.support.processes import RedisServer, WorkerProcess
 
-PLUGIN = "tests.queue_models"
+PLUGIN = "tests.support.queue_models"
 
 
 def _png(seed: int, width: int = 40, height: int = 30) -> bytes:
@@ -143,9 +138,9 @@ def test_error_payloads_come_back_as_the_same_error():
         Unavailable("x"),
         Timeout("t"),
     ):
-        back = error_from_payload(json.loads(json.dumps(error_to_payload(exc))))
+        back = error_from_reply(json.loads(json.dumps(error_reply(exc))))
         assert type(back) is type(exc) and back.status == exc.status and str(back) == str(exc)
-    odd = error_from_payload({"ok": False, "error": "teapot", "status": 418, "detail": "no"})
+    odd = error_from_reply({"ok": False, "error": "teapot", "status": 418, "detail": "no"})
     assert isinstance(odd, TapmaskError) and odd.status == 418 and odd.code == "teapot"
 
 
@@ -227,7 +222,7 @@ def test_both_front_ends_share_one_worker(spawn, make_dispatcher, rconn, server,
     with pytest.raises(ModelNotFound):
         label_studio.segment("grabcut", image, Prompt((Click(5, 5),)))
     args = argparse.Namespace(redis_url=server.url, namespace="tapmask", json=True)
-    assert list_workers(args) == 0
+    assert print_pool(args) == 0
     listing = json.loads(capsys.readouterr().out)
     (info,) = [w for w in listing["workers"] if w["name"] == "shared-one"]
     assert info["models"] == ["test-counting"] and info["pid"] == worker.pid
@@ -264,7 +259,7 @@ def test_interactive_jobs_overtake_queued_batch_jobs(spawn, make_dispatcher, rco
     started = time.monotonic()
     result = dispatcher.segment("test-slow", _png(20), Prompt((Click(1, 1),)))
     elapsed = time.monotonic() - started
-    batch_left = rconn.llen("rq:queue:" + Keys().batch("test-slow"))
+    batch_left = rconn.llen(Keys.queue_list(Keys().batch("test-slow")))
     assert result.mask[1, 1]
     assert batch_left >= 2, "the click waited for the batch queue"
     assert elapsed < 1.5
@@ -274,7 +269,7 @@ def test_interactive_jobs_overtake_queued_batch_jobs(spawn, make_dispatcher, rco
     worker.terminate()
     assert worker.wait(10) == 0
     assert _count(rconn, "encodes", "test-slow") == _count(rconn, "encode-start", "test-slow")
-    assert rconn.llen("rq:queue:" + Keys().batch("test-slow")) >= 1  # left for other workers
+    assert rconn.llen(Keys.queue_list(Keys().batch("test-slow"))) >= 1  # left for other workers
 
 
 def test_worker_killed_mid_job_is_retried_once_then_fails_fast(spawn, make_dispatcher, rconn):
@@ -357,7 +352,7 @@ class _Smuggled:
         self.path = path
 
     def __reduce__(self):
-        from tests.queue_models import touch
+        from tests.support.queue_models import touch
 
         return (touch, (self.path,))
 
@@ -367,10 +362,10 @@ def test_only_json_jobs_for_tapmask_functions_run(spawn, make_dispatcher, rconn,
     queue_name = Keys().interactive("test-counting")
     pickled_marker, json_marker = tmp_path / "pickled", tmp_path / "json"
     pickled = Queue(queue_name, connection=rconn).enqueue_call(  # rq's default: pickle
-        "tests.queue_models.touch", args=(_Smuggled(str(pickled_marker)),)
+        "tests.support.queue_models.touch", args=(_Smuggled(str(pickled_marker)),)
     )
     foreign = Queue(queue_name, connection=rconn, serializer=JSONSerializer).enqueue_call(
-        "tests.queue_models.touch", args=(str(json_marker),)
+        "tests.support.queue_models.touch", args=(str(json_marker),)
     )
     for job in (pickled, foreign):
         result = _wait_for(lambda job=job: Result.fetch_latest(job, serializer=JSONSerializer))
@@ -413,3 +408,15 @@ def test_redis_restart_gives_503_then_recovers(spawn, make_dispatcher, rconn, se
     # Redis lost `unseen`; the worker answers unknown_image and the dispatcher resends it once.
     assert dispatcher.segment("test-counting", unseen, Prompt((Click(4, 4),))).mask[4, 4]
     assert rconn.exists(Keys().image(images.sha256(unseen)))
+
+
+def test_sigterm_right_after_start_is_a_prompt_warm_shutdown(spawn, rconn):
+    """A worker drained seconds after it started (a Kubernetes scale-down, a rollout) exits at
+    once: rq's command-channel thread used to hold the shutdown for up to 60 s."""
+    for attempt in range(3):
+        worker = spawn(f"early-{attempt}", ["test-counting"]).wait_ready(rconn)
+        worker.terminate()
+        started = time.monotonic()
+        assert worker.wait(10) == 0
+        assert time.monotonic() - started < 3
+        assert _presence(rconn, f"early-{attempt}") is None

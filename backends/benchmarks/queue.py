@@ -89,9 +89,9 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def _overhead(url: str, connection, start_worker) -> list[BenchRow]:
+    from backends.dispatch import LocalDispatcher
     from backends.engine import Engine
-    from backends.queue import LocalDispatcher
-    from backends.redis_queue import RedisDispatcher
+    from backends.redis.dispatcher import RedisDispatcher
 
     start_worker("bench-overhead", ["bench-noop"])
     local = LocalDispatcher(Engine({"bench-noop": NoopModel()}))
@@ -149,7 +149,7 @@ def _spin_in_processes(processes: int, rounds: int = 12) -> float:
 
 
 def _throughput(url: str, connection, start_worker) -> list[BenchRow]:
-    from backends.redis_queue import RedisDispatcher
+    from backends.redis.dispatcher import RedisDispatcher
 
     dispatcher = RedisDispatcher(url, ["bench-spin"], job_timeout=120, queue_ttl=60)
     width, height, jobs = 64, 48, 48
@@ -208,7 +208,7 @@ def _throughput(url: str, connection, start_worker) -> list[BenchRow]:
 
 
 def _bytes_per_click(url: str, connection, start_worker) -> list[BenchRow]:
-    from backends.redis_queue import RedisDispatcher
+    from backends.redis.dispatcher import RedisDispatcher
 
     start_worker("bench-bytes", ["bench-noop"])
     width, height, clicks = 800, 600, 20

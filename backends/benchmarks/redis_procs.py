@@ -103,7 +103,8 @@ class RedisServer:
 
 
 class WorkerProcess:
-    """``python -m backends.worker`` in a child process; ``wait_ready`` waits for its presence."""
+    """``tapmask worker`` (``python -m backends.cli worker``) in a child process;
+    ``wait_ready`` waits for its presence."""
 
     def __init__(
         self,
@@ -119,7 +120,7 @@ class WorkerProcess:
     ) -> None:
         self.name = name
         self.url = url
-        args = [sys.executable, "-m", "backends.worker", "--redis-url", url, "--name", name]
+        args = [sys.executable, "-m", "backends.cli", "worker", "--redis-url", url, "--name", name]
         args += ["--models", ",".join(models), "--heartbeat", str(heartbeat)]
         for plugin in plugins:
             args += ["--plugin", plugin]

@@ -39,8 +39,8 @@ from typing import Any
 
 from backends import images
 from backends.cvat import formats
+from backends.dispatch import dispatcher_from_env
 from backends.errors import ModelLoadError, TapmaskError
-from backends.queue import dispatcher_from_env
 
 ENV_MODEL = "TAPMASK_MODEL"
 ENV_MODE = "TAPMASK_CVAT_MODE"

@@ -1,9 +1,9 @@
-"""The Label Studio ML backend over HTTP (FastAPI).
+"""The Label Studio ML backend over HTTP (FastAPI): routing only.
 
-Handlers stay thin: parse the Label Studio payload → dispatch to the models → format regions.
-``/health`` and ``/setup`` are ``async`` and touch no model, so they answer within Label Studio's
-1 s / 3 s budgets even while every worker thread is busy with ``/predict`` (which runs in
-Starlette's thread pool).
+Each route parses the body and calls ``LabelStudioService`` (``service.py``), which holds the
+request logic. ``/health`` and ``/setup`` are ``async`` and touch no model, so they answer within
+Label Studio's 1 s / 3 s budgets even while every worker thread is busy with ``/predict`` (which
+runs in Starlette's thread pool).
 """
 
 from __future__ import annotations
@@ -12,89 +12,29 @@ import base64
 import binascii
 import json
 import logging
-import os
 import secrets
-import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import ValidationError
 
-from backends import __version__, images
-from backends.errors import EmptyMask, TapmaskError
-from backends.labelstudio.client import Credentials, ImageClient
-from backends.labelstudio.labelconfig import LabelConfig
+from backends import __version__
+from backends.dispatch import Dispatcher
+from backends.errors import BadRequest, TapmaskError
+from backends.labelstudio.client import ImageClient
 from backends.labelstudio.metrics import Metrics
-from backends.labelstudio.predict import (
-    BadRequest,
-    ObjectRequest,
-    PredictRequest,
-    objects_from_context,
-    regions,
-    to_prompt,
-)
-from backends.queue import Dispatcher
+from backends.labelstudio.service import LabelStudioService, Settings
+
+__all__ = ["Settings", "create_app"]
 
 log = logging.getLogger("tapmask.labelstudio")
 
-
-@dataclass
-class Settings:
-    model: str = field(default_factory=lambda: os.environ.get("MODEL", "grabcut"))
-    label_studio_url: str | None = field(
-        default_factory=lambda: os.environ.get("LABEL_STUDIO_URL") or None
-    )
-    api_key: str | None = field(
-        default_factory=lambda: os.environ.get("LABEL_STUDIO_API_KEY") or None
-    )
-    basic_auth_user: str | None = field(
-        default_factory=lambda: os.environ.get("BASIC_AUTH_USER") or None
-    )
-    basic_auth_pass: str | None = field(
-        default_factory=lambda: os.environ.get("BASIC_AUTH_PASS") or None
-    )
-    # Label Studio sends every annotation and prediction of a task (with their RLEs) along.
-    max_request_bytes: int = field(
-        default_factory=lambda: int(float(os.environ.get("TAPMASK_MAX_REQUEST_MB", 256)) * 2**20)
-    )
-    prefetch_threads: int = 2
-    polygon_tolerance: float = 1.0
-
-    @property
-    def model_version(self) -> str:
-        return f"tapmask-{__version__}-{self.model}"
-
-
-class Projects:
-    """Per-project Label Studio address and token, as pushed by ``/setup`` (env as fallback)."""
-
-    def __init__(self, settings: Settings) -> None:
-        self._settings = settings
-        self._by_project: dict[str, Credentials] = {}
-        self._lock = threading.Lock()
-
-    def remember(self, project: str | None, hostname: str | None, token: str | None) -> None:
-        if project is None:
-            return
-        with self._lock:
-            self._by_project[project] = Credentials(hostname or None, token or None)
-
-    def credentials(self, project: str | None) -> Credentials:
-        env = Credentials(self._settings.label_studio_url, self._settings.api_key)
-        with self._lock:
-            pushed = self._by_project.get(project or "")
-        if pushed is None:
-            return env
-        # The environment wins: /setup's hostname defaults to localhost, wrong inside Docker.
-        return Credentials(env.url or pushed.url, env.token or pushed.token)
+ENDPOINTS = frozenset({"/health", "/setup", "/predict", "/webhook", "/versions", "/metrics"})
 
 
 def _error(exc: TapmaskError, metrics: Metrics) -> JSONResponse:
@@ -107,33 +47,19 @@ def create_app(
     settings: Settings | None = None,
     image_client: ImageClient | None = None,
 ) -> FastAPI:
-    settings = settings or Settings()
-    client = image_client or ImageClient()
-    projects = Projects(settings)
-    prefetcher = ThreadPoolExecutor(settings.prefetch_threads, thread_name_prefix="ls-prefetch")
-    prefetching: set[str] = set()
-    prefetch_lock = threading.Lock()
-
-    def cache_stats() -> dict[str, dict[str, float]]:
-        engine = getattr(dispatcher, "engine", None)
-        stats = {}
-        if engine is not None:
-            for cache in (engine.images, engine.embeddings, engine.states):
-                stats[cache.name] = vars(cache.stats)
-        stats["image-downloads"] = vars(client.cache.stats)
-        return stats
-
-    metrics = Metrics(cache_stats)
+    service = LabelStudioService(dispatcher, settings, image_client)
+    settings = service.settings
+    metrics = Metrics(service.stats)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         yield
-        prefetcher.shutdown(wait=False, cancel_futures=True)
+        service.close()
 
     app = FastAPI(title="tapmask Label Studio ML backend", version=__version__, lifespan=lifespan)
     app.state.settings = settings
-    app.state.dispatcher = dispatcher
-    app.state.image_client = client
+    app.state.service = service
+    app.state.image_client = service.client
 
     @app.middleware("http")
     async def measure_and_authenticate(
@@ -159,8 +85,7 @@ def create_app(
             )
         else:
             response = await call_next(request)
-        known = endpoint in {"/health", "/setup", "/predict", "/webhook", "/versions", "/metrics"}
-        label = endpoint if known else "other"
+        label = endpoint if endpoint in ENDPOINTS else "other"
         metrics.requests.labels(label, str(response.status_code)).inc()
         metrics.latency.labels(label).observe(time.perf_counter() - started)
         return response
@@ -192,13 +117,7 @@ def create_app(
 
     @app.post("/setup")
     async def setup(request: Request) -> dict[str, Any]:
-        body = await json_body(request)
-        if not isinstance(body, dict):
-            raise BadRequest("/setup expects a JSON object")
-        project = body.get("project")
-        project_id = None if project is None else str(project).split(".")[0]
-        projects.remember(project_id, body.get("hostname"), body.get("access_token"))
-        return {"model_version": settings.model_version}
+        return service.setup(await json_body(request))
 
     @app.get("/versions")
     async def versions() -> dict[str, Any]:
@@ -218,102 +137,7 @@ def create_app(
     @app.post("/predict")
     async def predict(request: Request) -> dict[str, Any]:
         payload = await json_body(request)
-        return await run_in_threadpool(_predict, payload)
-
-    def _predict(payload: Any) -> dict[str, Any]:
-        try:
-            request = PredictRequest.model_validate(payload)
-        except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}"
-                for err in exc.errors()
-            )
-            raise BadRequest(f"invalid /predict request: {problems}") from exc
-        config = LabelConfig.parse(request.label_config)
-        creds = projects.credentials(request.project_id)
-        context = request.context
-        if not context or not context.get("result"):
-            _prefetch_tasks(request, config, creds)
-            # Nothing to show yet: an empty list stores no junk prediction in Label Studio.
-            return {"results": []}
-        task = request.tasks[0]
-        results: list[dict[str, Any]] = []
-        empty: list[EmptyMask] = []
-        for obj in objects_from_context(context):
-            try:
-                results.extend(_segment_object(task, obj, config, creds))
-            except EmptyMask as exc:  # one box over nothing must not lose the other objects
-                empty.append(exc)
-        if not results:
-            raise empty[0] if empty else EmptyMask("no region to return")
-        score = max(r["score"] for r in results)
-        return {
-            "results": [
-                {"result": results, "score": score, "model_version": settings.model_version}
-            ]
-        }
-
-    def _task_image(task: dict[str, Any], config: LabelConfig, to_name: str) -> str:
-        key = config.image_key(to_name)
-        data = task.get("data")
-        if not isinstance(data, dict) or not isinstance(data.get(key), str) or not data[key]:
-            raise BadRequest(f"task {task.get('id')} has no image URL in data.{key}")
-        return data[key]
-
-    def _segment_object(
-        task: dict[str, Any], obj: ObjectRequest, config: LabelConfig, creds: Credentials
-    ) -> list[dict[str, Any]]:
-        url = _task_image(task, config, obj.to_name)
-        started = time.perf_counter()
-        image = client.fetch(url, creds)
-        fetched = time.perf_counter()
-        height, width = images.size(image)
-        prompt = to_prompt(obj, width, height)
-        seg = dispatcher.segment(settings.model, image, prompt)
-        if seg.area == 0:
-            raise EmptyMask(f"{settings.model} found no object for these clicks")
-        out = regions(
-            seg,
-            obj,
-            config,
-            task_id=task.get("id"),
-            prompt=prompt,
-            polygon_tolerance=settings.polygon_tolerance,
-        )
-        log.info(
-            "task %s: %d click(s)%s -> %d px, score %.3f (fetch %.0f ms, segment %.0f ms)",
-            task.get("id"),
-            len(prompt.clicks),
-            " + box" if prompt.box else "",
-            seg.area,
-            seg.score,
-            (fetched - started) * 1000,
-            (time.perf_counter() - fetched) * 1000,
-        )
-        return out
-
-    def _prefetch_tasks(request: PredictRequest, config: LabelConfig, creds: Credentials) -> None:
-        for task in request.tasks:
-            for to_name in config.images:
-                try:
-                    url = _task_image(task, config, to_name)
-                except TapmaskError as exc:
-                    log.info("task %s: nothing to prefetch (%s)", task.get("id"), exc)
-                    continue
-                with prefetch_lock:
-                    if url in prefetching:
-                        continue
-                    prefetching.add(url)
-                prefetcher.submit(_prefetch_one, task.get("id"), url, creds)
-
-    def _prefetch_one(task_id: Any, url: str, creds: Credentials) -> None:
-        try:
-            dispatcher.prefetch(settings.model, client.fetch(url, creds))
-        except Exception as exc:  # background work: log, never raise
-            log.warning("task %s: prefetch failed: %s", task_id, exc)
-        finally:
-            with prefetch_lock:
-                prefetching.discard(url)
+        return await run_in_threadpool(service.predict, payload)
 
     return app
 

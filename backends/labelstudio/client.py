@@ -26,27 +26,19 @@ from urllib.parse import urljoin, urlsplit
 import httpx
 
 from backends.cache import LRUCache
-from backends.errors import ImageError, ImageTooLarge, TapmaskError, Timeout
+from backends.errors import (
+    ImageAuthError,
+    ImageError,
+    ImageFetchError,
+    ImageNotFound,
+    ImageTooLarge,
+    Timeout,
+)
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BYTES = 100 * 1024 * 1024
 REFRESH_MARGIN_S = 30.0
-
-
-class ImageFetchError(TapmaskError):
-    status = 502
-    code = "image_fetch_failed"
-
-
-class ImageNotFound(ImageFetchError):
-    status = 404
-    code = "image_not_found"
-
-
-class ImageAuthError(ImageFetchError):
-    status = 502
-    code = "image_auth_failed"
 
 
 @dataclass(frozen=True)

@@ -7,15 +7,10 @@ from xml.etree.ElementTree import Element
 
 from defusedxml import ElementTree
 
-from backends.errors import TapmaskError
+from backends.errors import LabelConfigError
 
 OUTPUT_TYPES = {"brushlabels": "BrushLabels", "polygonlabels": "PolygonLabels"}
 SMART_TYPES = {"keypointlabels", "rectanglelabels"}
-
-
-class LabelConfigError(TapmaskError, ValueError):
-    status = 422
-    code = "bad_label_config"
 
 
 @dataclass(frozen=True)

@@ -12,14 +12,9 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from backends import masks
-from backends.errors import PromptError, TapmaskError
+from backends.errors import InvalidRequest, PromptError
 from backends.labelstudio.labelconfig import OUTPUT_TYPES, LabelConfig
 from backends.prompts import Box, Click, Prompt, Segmentation
-
-
-class BadRequest(TapmaskError, ValueError):
-    status = 422
-    code = "bad_request"
 
 
 class Params(BaseModel):
@@ -62,9 +57,9 @@ class ObjectRequest:
 
 def _number(value: Any, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise BadRequest(f"{what} must be a number, got {value!r}")
+        raise InvalidRequest(f"{what} must be a number, got {value!r}")
     if not math.isfinite(value):
-        raise BadRequest(f"{what} must be finite, got {value!r}")
+        raise InvalidRequest(f"{what} must be finite, got {value!r}")
     return float(value)
 
 
@@ -81,19 +76,19 @@ def objects_from_context(context: dict[str, Any]) -> list[ObjectRequest]:
     """Smart keypoints → one object; each smart rectangle → one object of its own."""
     result = context.get("result")
     if not isinstance(result, list) or not result:
-        raise BadRequest("params.context.result must be a non-empty list of regions")
+        raise InvalidRequest("params.context.result must be a non-empty list of regions")
     keypoints: list[dict[str, Any]] = []
     rectangles: list[dict[str, Any]] = []
     for index, item in enumerate(result):
         if not isinstance(item, dict) or not isinstance(item.get("value"), dict):
-            raise BadRequest(f"context.result[{index}] is not a region with a value")
+            raise InvalidRequest(f"context.result[{index}] is not a region with a value")
         kind = item.get("type")
         if kind == "keypointlabels":
             keypoints.append(item)
         elif kind == "rectanglelabels":
             rectangles.append(item)
         else:
-            raise BadRequest(
+            raise InvalidRequest(
                 f"context.result[{index}] has type {kind!r}; smart tools send keypointlabels "
                 "or rectanglelabels"
             )
@@ -114,10 +109,10 @@ def _object(item: dict[str, Any], prompt: list[tuple[str, dict[str, Any], bool]]
     width = _number(item.get("original_width"), "original_width")
     height = _number(item.get("original_height"), "original_height")
     if width < 1 or height < 1:
-        raise BadRequest("original_width/original_height must be positive")
+        raise InvalidRequest("original_width/original_height must be positive")
     to_name = item.get("to_name")
     if not isinstance(to_name, str) or not to_name:
-        raise BadRequest("region has no to_name")
+        raise InvalidRequest("region has no to_name")
     return ObjectRequest(to_name, _label_of(item), prompt, round(width), round(height))
 
 

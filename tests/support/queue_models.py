@@ -1,7 +1,7 @@
 """Test-only models for the Redis worker tests, loaded into worker processes as a plugin.
 
-``python -m backends.worker --plugin tests.queue_models --models test-counting`` imports this
-module, which registers the names below in the model registry, so the worker loads them through
+``tapmask worker --plugin tests.support.queue_models --models test-counting`` imports
+this module, which registers the names below in the model registry, so the worker loads them through
 ``Engine.load`` exactly like real models. Each model reports what it does to the Redis in
 ``$TAPMASK_TEST_REDIS_URL`` (encode counts, a start log), because the worker is another process.
 """
@@ -61,12 +61,12 @@ def build(name: str, device: str | None = None, encode_seconds: float = 0.0) -> 
     return ReportingModel(name, encode_seconds)
 
 
-register(ModelSpec("test-counting", "tests.queue_models:build", "test: counts encodes"))
-register(ModelSpec("test-shared", "tests.queue_models:build", "test: counts encodes"))
+register(ModelSpec("test-counting", "tests.support.queue_models:build", "test: counts encodes"))
+register(ModelSpec("test-shared", "tests.support.queue_models:build", "test: counts encodes"))
 register(
     ModelSpec(
         "test-snooze",
-        "tests.queue_models:build",
+        "tests.support.queue_models:build",
         "test: 3 s encodes (job timeout)",
         kwargs=(("encode_seconds", 3.0),),
     )
@@ -74,7 +74,7 @@ register(
 register(
     ModelSpec(
         "test-slow",
-        "tests.queue_models:build",
+        "tests.support.queue_models:build",
         "test: 0.4 s encodes",
         kwargs=(("encode_seconds", 0.4),),
     )
@@ -82,7 +82,7 @@ register(
 register(
     ModelSpec(
         "test-sleepy",
-        "tests.queue_models:build",
+        "tests.support.queue_models:build",
         "test: 2 s encodes (killed mid-job)",
         kwargs=(("encode_seconds", 2.0),),
     )

@@ -4,8 +4,9 @@ Front ends call a ``Dispatcher`` and never touch the Engine directly, so switchi
 in-process default to the shared Redis worker pool is configuration, not code.
 ``LocalDispatcher`` runs the Engine in this process; prefetches (Label Studio task-open calls)
 run on a background thread so the request that triggered them answers at once.
-``RedisDispatcher`` (``backends.redis_queue``, imported only when used) sends the same calls to
-the shared worker pool: setting ``TAPMASK_REDIS_URL`` is the whole switch.
+``RedisDispatcher`` (``backends.redis.dispatcher``, imported only when used) sends the same calls
+to the shared worker pool: setting ``TAPMASK_REDIS_URL`` is the whole switch. Both dispatchers
+de-duplicate prefetches of the same (model, image), so front ends simply ask.
 """
 
 from __future__ import annotations
@@ -43,6 +44,10 @@ class Dispatcher(Protocol):
 
     def models(self) -> list[str]:
         """Names of the models this dispatcher can serve."""
+        ...
+
+    def stats(self) -> dict[str, dict[str, float]]:
+        """Cache counters by cache name (hits, misses, entries, bytes…) for ``/metrics``."""
         ...
 
     def close(self) -> None: ...
@@ -98,6 +103,13 @@ class LocalDispatcher:
     def models(self) -> list[str]:
         return self.engine.model_names
 
+    def stats(self) -> dict[str, dict[str, float]]:
+        engine = self.engine
+        return {
+            cache.name: vars(cache.stats)
+            for cache in (engine.images, engine.embeddings, engine.states)
+        }
+
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
@@ -115,7 +127,7 @@ def dispatcher_from_env(models: list[str], **options: object) -> Dispatcher:
     factories (checkpoint, device…).
     """
     if os.environ.get("TAPMASK_REDIS_URL"):
-        from backends.redis_queue import RedisDispatcher
+        from backends.redis.dispatcher import RedisDispatcher
 
         if options:
             log.info("Redis dispatcher: model options %s are the workers' business", options)

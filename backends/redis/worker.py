@@ -1,24 +1,18 @@
-"""``tapmask worker``: a GPU (or CPU) worker of the shared Redis/rq pool; ``tapmask workers``.
+"""``tapmask worker``: a GPU (or CPU) worker of the shared Redis/rq pool.
 
 A worker loads its models once through ``Engine.load`` and then never forks (``TapmaskWorker``
 is an rq ``SimpleWorker``: a forked child cannot use the parent's CUDA context, and forking
 would also throw away the Engine's warm caches). It listens to every model's ``interactive``
 queue before any ``batch`` queue, so clicks overtake queued prefetches, and it plugs a
 ``RedisEmbeddingStore`` into its Engine so a follow-up click that lands on another worker
-decodes against the shared embedding instead of re-encoding.
+decodes against the shared embedding instead of re-encoding. Only the functions of
+``backends.redis.jobs`` ever run here.
 
-Only three functions ever run here: ``segment_job``, ``prefetch_job`` and ``export_job``.
-Jobs are JSON (rq ``JSONSerializer``): a pickled payload cannot even be decoded, and
-``TapmaskJob`` refuses any function name outside that list, any bound instance, and any
-callback, before anything is imported. Each job function turns every failure into a JSON error
-payload (``TapmaskError`` code + HTTP status), so one poisoned request fails alone and the
-worker keeps serving.
-
-A heartbeat thread keeps a short-TTL presence key (``<ns>:worker:<name>``: models, queues,
-state, current job, Engine stats) and rq's own worker record fresh; dispatchers use the
-presence key to notice a worker killed mid-job within seconds. SIGTERM (or Ctrl+C) is a warm
-shutdown: the current job finishes, then the worker deregisters and exits; a second signal is a
-cold shutdown. Lost Redis connections are retried (a Redis restart is survived).
+A heartbeat thread keeps the worker's presence record (``backends.redis.presence``) and rq's own
+worker record fresh; dispatchers use the presence key to notice a worker killed mid-job within
+seconds. SIGTERM (or Ctrl+C) is a warm shutdown: the current job finishes, then the worker
+deregisters and exits; a second signal is a cold shutdown. Lost Redis connections are retried
+(a Redis restart is survived).
 
 Extra models (tests, benchmarks, in-house models) come from ``--plugin MODULE`` (or
 ``TAPMASK_PLUGINS=mod1,mod2``): modules imported before the models are loaded, which call
@@ -30,7 +24,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
-import json
 import logging
 import os
 import socket
@@ -38,13 +31,12 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict
 from typing import Any
 
-import numpy as np
 import redis
-from rq.exceptions import DeserializationError, StopRequested
+from rq.exceptions import StopRequested
 from rq.job import Job, JobStatus
 from rq.job_lifecycle import format_exc_info
 from rq.results import Result
@@ -54,216 +46,19 @@ from rq.utils import now, utcformat
 from rq.worker import SimpleWorker, WorkerStatus
 from rq.worker_registration import register as rq_register
 
-from backends import masks
 from backends.engine import Engine
-from backends.errors import (
-    ImageError,
-    PromptError,
-    TapmaskError,
-    Timeout,
-    Unavailable,
-    UnknownImage,
-)
-from backends.images import sha256
-from backends.prompts import Prompt
-from backends.redis_queue import (
-    EXPORT_JOB,
-    JOB_FUNCTION_NAMES,
-    PREFETCH_JOB,
-    PROTOCOL_VERSION,
-    SEGMENT_JOB,
-    Keys,
-    RedisEmbeddingStore,
-    check_image_key,
-    check_model_name,
-    connect,
-    error_to_payload,
-    live_workers,
-    redis_errors_as_unavailable,
-    segmentation_to_payload,
-)
-from backends.worker_args import add_worker_arguments, add_workers_arguments
+from backends.errors import TapmaskError
+from backends.redis import jobs
+from backends.redis.connection import connect
+from backends.redis.embeddings import RedisEmbeddingStore
+from backends.redis.jobs import TapmaskJob, WorkerRuntime
+from backends.redis.presence import WorkerInfo, remove_presence, write_presence
+from backends.redis.protocol import Keys, check_model_name
 
 log = logging.getLogger(__name__)
 
 MiB = 1 << 20
 FAILURE_TTL = 24 * 3600  # failed jobs (and their tracebacks) stay at most a day
-
-
-# --------------------------------------------------------------------------------------------
-# Job functions (the only code a job can run)
-
-
-@dataclass
-class WorkerRuntime:
-    engine: Engine
-    connection: redis.Redis
-    keys: Keys
-    name: str
-    output_ttl: int = 120
-    jobs: int = 0
-    errors: int = 0
-
-
-_runtime: WorkerRuntime | None = None
-
-
-def _image_ref(rt: WorkerRuntime, key: Any) -> bytes | str:
-    """The Engine's cached image by key, else the bytes from Redis (checked against the key)."""
-    key = check_image_key(key)
-    if key in rt.engine.images:
-        return key
-    data = rt.connection.get(rt.keys.image(key))
-    if data is None:
-        raise UnknownImage(f"image {key[:12]}… is not in Redis (expired or evicted); resend it")
-    if sha256(data) != key:
-        raise ImageError(f"the bytes stored under image {key[:12]}… do not match their hash")
-    return data
-
-
-def _model(request: dict[str, Any]) -> str:
-    return check_model_name(request.get("model"))
-
-
-def _segment(rt: WorkerRuntime, request: dict[str, Any]) -> dict[str, Any]:
-    model = _model(request)
-    prompt = request.get("prompt")
-    if not isinstance(prompt, dict):
-        raise PromptError("the job has no prompt")
-    parsed = Prompt.from_dict(prompt)
-    if request.get("previous_mask") is not None:
-        try:
-            previous = masks.coco_rle_to_mask(request["previous_mask"])
-        except (ValueError, TypeError) as exc:
-            raise PromptError(f"previous_mask: {exc}") from exc
-        parsed = Prompt(parsed.clicks, parsed.box, previous)
-    result = rt.engine.segment(model, _image_ref(rt, request.get("image")), parsed)
-    return segmentation_to_payload(result, worker=rt.name)
-
-
-def _prefetch(rt: WorkerRuntime, request: dict[str, Any]) -> dict[str, Any]:
-    rt.engine.prefetch(_model(request), _image_ref(rt, request.get("image")))
-    return {"ok": True, "worker": rt.name}
-
-
-def _export(rt: WorkerRuntime, request: dict[str, Any]) -> dict[str, Any]:
-    dtype = request.get("dtype", "float32")
-    if dtype not in ("float16", "float32"):
-        raise PromptError(f"unsupported export dtype {dtype!r}")
-    array = rt.engine.export_embedding(_model(request), _image_ref(rt, request.get("image")))
-    array = np.ascontiguousarray(array, dtype=dtype)
-    from rq import get_current_job
-
-    job = get_current_job()
-    key = rt.keys.output(job.id if job is not None else uuid.uuid4().hex)
-    rt.connection.set(key, array.tobytes(), ex=rt.output_ttl)
-    return {
-        "ok": True,
-        "worker": rt.name,
-        "array": {"key": key, "dtype": dtype, "shape": list(array.shape)},
-    }
-
-
-def _run(handler: Callable[[WorkerRuntime, dict[str, Any]], dict[str, Any]], request: Any):
-    rt = _runtime
-    if rt is None:
-        return error_to_payload(Unavailable("this process is not a running tapmask worker"))
-    rt.jobs += 1
-    try:
-        if not isinstance(request, dict) or request.get("v") != PROTOCOL_VERSION:
-            raise TapmaskError(
-                f"unsupported job payload (this worker speaks protocol v{PROTOCOL_VERSION})"
-            )
-        return handler(rt, request)
-    except TapmaskError as exc:
-        rt.errors += 1
-        log.info("job failed: %s (%s)", exc, exc.code)
-        return error_to_payload(exc)
-    except JobTimeoutException as exc:
-        rt.errors += 1
-        return error_to_payload(Timeout(f"the worker ran past the job timeout: {exc}"))
-    except redis.RedisError as exc:
-        rt.errors += 1
-        return error_to_payload(Unavailable(f"the worker lost Redis: {exc}"))
-    except Exception as exc:  # a bug or a model failure: this request fails, the worker goes on
-        rt.errors += 1
-        log.exception("job failed unexpectedly")
-        return error_to_payload(TapmaskError(f"{type(exc).__name__}: {exc}"))
-
-
-def segment_job(request: dict[str, Any]) -> dict[str, Any]:
-    """Interactive: the mask for a prompt, as COCO RLE + score + model."""
-    return _run(_segment, request)
-
-
-def prefetch_job(request: dict[str, Any]) -> dict[str, Any]:
-    """Batch: compute and cache (locally and in the shared tier) an image's embedding."""
-    return _run(_prefetch, request)
-
-
-def export_job(request: dict[str, Any]) -> dict[str, Any]:
-    """Interactive: the raw embedding, written to a short-lived key as raw bytes."""
-    return _run(_export, request)
-
-
-JOB_FUNCTIONS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
-    SEGMENT_JOB: segment_job,
-    PREFETCH_JOB: prefetch_job,
-    EXPORT_JOB: export_job,
-}
-assert set(JOB_FUNCTIONS) == JOB_FUNCTION_NAMES
-
-
-class RejectedJob(Exception):
-    """A job that names anything but a tapmask job function (it is failed, never run)."""
-
-
-class TapmaskJob(Job):
-    """An rq job that can only resolve to one of ``JOB_FUNCTIONS`` and never runs callbacks."""
-
-    @property
-    def func(self):  # type: ignore[override]
-        try:
-            name = self.func_name
-            instance = self.instance
-        except DeserializationError as exc:
-            raise RejectedJob(f"job {self.id}: payload is not tapmask JSON") from exc
-        if instance is not None or name not in JOB_FUNCTIONS:
-            raise RejectedJob(f"job {self.id}: {name!r} is not a tapmask job function")
-        return JOB_FUNCTIONS[name]
-
-    @property
-    def success_callback(self):  # type: ignore[override]
-        return None
-
-    @property
-    def failure_callback(self):  # type: ignore[override]
-        return None
-
-    @property
-    def stopped_callback(self):  # type: ignore[override]
-        return None
-
-
-# --------------------------------------------------------------------------------------------
-# The worker
-
-
-@dataclass
-class WorkerInfo:
-    name: str
-    hostname: str
-    pid: int
-    models: list[str]
-    queues: list[str]
-    device: str | None
-    started: float
-    state: str = "starting"
-    job: str | None = None
-    jobs: int = 0
-    errors: int = 0
-    heartbeat: float = 0.0
-    stats: dict[str, Any] = field(default_factory=dict)
 
 
 class TapmaskWorker(SimpleWorker):
@@ -325,11 +120,21 @@ class TapmaskWorker(SimpleWorker):
         finally:
             try:
                 with self.connection.pipeline(transaction=False) as pipe:
-                    pipe.delete(self.runtime.keys.presence(self.name))
-                    pipe.srem(self.runtime.keys.workers, self.name)
+                    remove_presence(pipe, self.runtime.keys, self.name)
                     pipe.execute()
             except redis.RedisError:
                 pass
+
+    def subscribe(self) -> None:
+        """rq's command channel (``rq.command``), listened to by a thread that wakes every
+        second. rq's own thread sleeps 60 s in ``get_message`` until the subscription is
+        confirmed, and a SIGTERM in that window made the warm shutdown wait for it (redis-py
+        joins the thread without a timeout): a worker drained just after it started hung."""
+        self.pubsub = self.connection.pubsub()
+        self.pubsub.subscribe(**{self.pubsub_channel_name: self.handle_payload})
+        self.pubsub_thread = self.pubsub.run_in_thread(
+            sleep_time=1.0, daemon=True, exception_handler=self._pubsub_exception_handler
+        )
 
     def request_stop(self, signum, frame):
         self.stopping = True
@@ -459,12 +264,7 @@ class TapmaskWorker(SimpleWorker):
             if self.birth_date is None:
                 self.birth_date = self.last_heartbeat
             with self.connection.pipeline(transaction=False) as pipe:
-                pipe.set(
-                    keys.presence(self.name),
-                    json.dumps(asdict(info)),
-                    px=int(self.presence_ttl * 1000),
-                )
-                pipe.sadd(keys.workers, self.name)
+                write_presence(pipe, keys, info, self.presence_ttl)
                 # rq's own record, rebuilt in full so a restarted Redis lists this worker again
                 pipe.hset(self.key, mapping=self.serialize())
                 pipe.hset(self.key, "state", self.get_state())
@@ -475,10 +275,6 @@ class TapmaskWorker(SimpleWorker):
                 pipe.execute()
         except redis.RedisError as exc:
             log.debug("heartbeat failed: %s", exc)
-
-
-# --------------------------------------------------------------------------------------------
-# Command line
 
 
 def _split(values: Sequence[str] | str | None) -> list[str]:
@@ -499,7 +295,6 @@ def _load_plugins(names: Sequence[str]) -> None:
 
 def build_worker(args: argparse.Namespace) -> TapmaskWorker:
     """Load plugins and models, connect, and build the worker (does not start it)."""
-    global _runtime
     models = _split(args.models) or _split(os.environ.get("TAPMASK_WORKER_MODELS"))
     if not models:
         raise TapmaskError("no models: pass --models NAME[,NAME…] (or TAPMASK_WORKER_MODELS)")
@@ -529,11 +324,12 @@ def build_worker(args: argparse.Namespace) -> TapmaskWorker:
     engine.load(models, **options)  # once, before any job; never per request
 
     name = args.name or f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:6]}"
-    _runtime = WorkerRuntime(engine=engine, connection=connection, keys=keys, name=name)
+    runtime = WorkerRuntime(engine=engine, connection=connection, keys=keys, name=name)
+    jobs.install(runtime)
     queues = [keys.interactive(m) for m in models] + [keys.batch(m) for m in models]
     return TapmaskWorker(
         queues,
-        runtime=_runtime,
+        runtime=runtime,
         models=models,
         device=args.device,
         heartbeat=args.heartbeat,
@@ -569,74 +365,3 @@ def run_worker(args: argparse.Namespace) -> int:
         time.sleep(1.0)  # Redis went away mid-job or at start-up: wait, then start over
         with contextlib.suppress(redis.RedisError):
             worker.connection.hset(worker.key, "death", utcformat(now()))
-
-
-def list_workers(args: argparse.Namespace) -> int:
-    keys = Keys(args.namespace)
-    connection = connect(args.redis_url, socket_timeout=5.0)
-    with redis_errors_as_unavailable(f"Redis at {args.redis_url}"):
-        workers = live_workers(connection, keys)
-        models = sorted({m for w in workers for m in w.get("models", [])})
-        prefix = f"rq:queue:{keys.namespace}:"
-        for raw in connection.smembers("rq:queues"):
-            name = raw.decode() if isinstance(raw, bytes) else raw
-            if name.startswith(prefix) and name.count(":") == 4:
-                models.append(name[len(prefix) :].rsplit(":", 1)[0])
-        models = sorted(set(models))
-        with connection.pipeline(transaction=False) as pipe:
-            for model in models:
-                pipe.llen(f"rq:queue:{keys.interactive(model)}")
-                pipe.llen(f"rq:queue:{keys.batch(model)}")
-            depths = pipe.execute()
-    queues = {
-        model: {"interactive": depths[2 * i], "batch": depths[2 * i + 1]}
-        for i, model in enumerate(models)
-    }
-    if args.json:
-        print(json.dumps({"workers": workers, "queues": queues}, indent=2))
-        return 0
-    print(f"{len(workers)} live worker(s)")
-    print(f"{'WORKER':34} {'STATE':9} {'DEVICE':8} {'JOBS':>6} {'ERR':>5} {'BEAT':>6}  MODELS")
-    for w in workers:
-        beat = f"{time.time() - float(w.get('heartbeat', 0)):.1f}s"
-        print(
-            f"{w['name'][:34]:34} {w.get('state', '?'):9} {str(w.get('device') or '-')[:8]:8} "
-            f"{w.get('jobs', 0):>6} {w.get('errors', 0):>5} {beat:>6}  "
-            + ",".join(w.get("models", []))
-        )
-    print()
-    print(f"{'MODEL':24} {'INTERACTIVE':>11} {'BATCH':>7}  WORKERS")
-    for model in models:
-        serving = sum(model in w.get("models", []) for w in workers)
-        q = queues[model]
-        print(f"{model[:24]:24} {q['interactive']:>11} {q['batch']:>7}  {serving}")
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m backends.worker [worker options]`` or ``python -m backends.worker list``."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    listing = bool(argv) and argv[0] == "list"
-    parser = argparse.ArgumentParser(
-        prog="python -m backends.worker" + (" list" if listing else ""), description=__doc__
-    )
-    parser.add_argument("-v", "--verbose", action="store_true")
-    (add_workers_arguments if listing else add_worker_arguments)(parser)
-    args = parser.parse_args(argv[1:] if listing else argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    try:
-        return list_workers(args) if listing else run_worker(args)
-    except TapmaskError as exc:
-        print(f"tapmask: error: {exc}", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":
-    # Run inside the importable module ``backends.worker`` (not ``__main__``), so the job
-    # functions rq resolves by dotted name see this process's runtime.
-    from backends.worker import main as _main
-
-    sys.exit(_main())

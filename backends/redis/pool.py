@@ -1,7 +1,7 @@
-"""Command-line arguments of ``tapmask worker`` and ``tapmask workers`` (stdlib only).
+"""``tapmask worker`` and ``tapmask workers``: their arguments and the pool listing.
 
-Kept apart from ``backends.worker`` so that building the ``tapmask`` parser does not import
-rq, redis or the Engine; ``backends.worker`` re-exports both functions.
+Building the ``tapmask`` parser imports only this module's stdlib part: rq, redis and the
+Engine load when a command runs.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ def _add_redis_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
+    """``tapmask worker``: which models to serve, where, and the shared-cache bounds."""
     parser.add_argument(
         "--models",
         action="append",
@@ -69,6 +70,43 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-jobs", type=int, help="exit after this many jobs")
 
 
-def add_workers_arguments(parser: argparse.ArgumentParser) -> None:
+def add_pool_arguments(parser: argparse.ArgumentParser) -> None:
+    """``tapmask workers``: which pool to list."""
     _add_redis_arguments(parser)
     parser.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def print_pool(args: argparse.Namespace) -> int:
+    """``tapmask workers``: live workers, their models and state, and queue depths."""
+    import json
+    import time
+
+    from backends.redis.connection import connect, redis_errors_as_unavailable
+    from backends.redis.presence import known_models, live_workers, queue_depths
+    from backends.redis.protocol import Keys
+
+    keys = Keys(args.namespace)
+    connection = connect(args.redis_url, socket_timeout=5.0)
+    with redis_errors_as_unavailable(f"Redis at {args.redis_url}"):
+        workers = live_workers(connection, keys)
+        models = known_models(connection, keys, workers)
+        queues = queue_depths(connection, keys, models)
+    if args.json:
+        print(json.dumps({"workers": workers, "queues": queues}, indent=2))
+        return 0
+    print(f"{len(workers)} live worker(s)")
+    print(f"{'WORKER':34} {'STATE':9} {'DEVICE':8} {'JOBS':>6} {'ERR':>5} {'BEAT':>6}  MODELS")
+    for w in workers:
+        beat = f"{time.time() - float(w.get('heartbeat', 0)):.1f}s"
+        print(
+            f"{w['name'][:34]:34} {w.get('state', '?'):9} {str(w.get('device') or '-')[:8]:8} "
+            f"{w.get('jobs', 0):>6} {w.get('errors', 0):>5} {beat:>6}  "
+            + ",".join(w.get("models", []))
+        )
+    print()
+    print(f"{'MODEL':24} {'INTERACTIVE':>11} {'BATCH':>7}  WORKERS")
+    for model in models:
+        serving = sum(model in w.get("models", []) for w in workers)
+        q = queues[model]
+        print(f"{model[:24]:24} {q['interactive']:>11} {q['batch']:>7}  {serving}")
+    return 0

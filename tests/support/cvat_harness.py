@@ -6,7 +6,7 @@
   exactly ``application/json``, bytes otherwise;
 * the handler runs under ``nuclio_sdk.test.Platform`` (``init_context`` once per platform), and the
   returned response goes through nuclio's own ``Response.from_entrypoint_output``;
-* replies are checked as CVAT's UI reads them (2-D 0/255 crop matching the inclusive bounds,
+* replies are checked as CVAT's UI reads them (2-D 0/1 crop matching the inclusive bounds,
   polygon inside the frame) or, for the SAM plugin, as a float32 ``[1, 256, 64, 64]`` blob.
 """
 
@@ -31,7 +31,7 @@ from nuclio_sdk.test import Platform
 
 from backends.cvat import handler as cvat_handler
 
-SERVERLESS = Path(__file__).resolve().parents[1] / "serverless"
+SERVERLESS = Path(__file__).resolve().parents[2] / "serverless"
 
 Point = Sequence[float]
 
@@ -129,7 +129,7 @@ def check_mask_reply(reply: Reply, width: int, height: int) -> np.ndarray:
     assert isinstance(mask, list) and mask and all(isinstance(row, list) for row in mask)
     assert len({len(row) for row in mask}) == 1, "rows of equal length"
     values = {value for row in mask for value in row}
-    assert values <= {0, 255} and 255 in values, f"a binary 0/255 mask, got {sorted(values)[:5]}"
+    assert values == {0, 1} or values == {1}, f"a binary 0/1 mask, got {sorted(values)[:5]}"
     assert len(bounds) == 4 and all(isinstance(v, int) for v in bounds)
     x1, y1, x2, y2 = bounds
     assert 0 <= x1 <= x2 < width and 0 <= y1 <= y2 < height, (bounds, width, height)

@@ -1,0 +1,221 @@
+"""What the Label Studio backend does with a request, as a plain class (no HTTP here).
+
+``LabelStudioService.predict(body)`` is ``POST /predict``: parse the payload → dispatch each
+object to the model → format brush/polygon regions. ``setup(body)`` remembers the host and token
+Label Studio pushes per project. ``app.py`` only routes HTTP to these methods, so tests can call
+them directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from backends import __version__, images
+from backends.dispatch import Dispatcher
+from backends.errors import EmptyMask, InvalidRequest, TapmaskError
+from backends.labelstudio.client import Credentials, ImageClient
+from backends.labelstudio.labelconfig import LabelConfig
+from backends.labelstudio.predict import (
+    ObjectRequest,
+    PredictRequest,
+    objects_from_context,
+    regions,
+    to_prompt,
+)
+from backends.settings import model_name
+
+log = logging.getLogger("tapmask.labelstudio")
+
+
+def _env(name: str) -> str | None:
+    return os.environ.get(name) or None
+
+
+@dataclass
+class Settings:
+    model: str = field(default_factory=model_name)
+    label_studio_url: str | None = field(default_factory=lambda: _env("LABEL_STUDIO_URL"))
+    api_key: str | None = field(default_factory=lambda: _env("LABEL_STUDIO_API_KEY"))
+    basic_auth_user: str | None = field(default_factory=lambda: _env("BASIC_AUTH_USER"))
+    basic_auth_pass: str | None = field(default_factory=lambda: _env("BASIC_AUTH_PASS"))
+    # Label Studio sends every annotation and prediction of a task (with their RLEs) along.
+    max_request_bytes: int = field(
+        default_factory=lambda: int(float(os.environ.get("TAPMASK_MAX_REQUEST_MB", 256)) * 2**20)
+    )
+    prefetch_threads: int = 2
+    polygon_tolerance: float = 1.0
+
+    @property
+    def model_version(self) -> str:
+        return f"tapmask-{__version__}-{self.model}"
+
+
+class Projects:
+    """Per-project Label Studio address and token, as pushed by ``/setup`` (env as fallback)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._by_project: dict[str, Credentials] = {}
+        self._lock = threading.Lock()
+
+    def remember(self, project: str | None, hostname: str | None, token: str | None) -> None:
+        if project is None:
+            return
+        with self._lock:
+            self._by_project[project] = Credentials(hostname or None, token or None)
+
+    def credentials(self, project: str | None) -> Credentials:
+        env = Credentials(self._settings.label_studio_url, self._settings.api_key)
+        with self._lock:
+            pushed = self._by_project.get(project or "")
+        if pushed is None:
+            return env
+        # The environment wins: /setup's hostname defaults to localhost, wrong inside Docker.
+        return Credentials(env.url or pushed.url, env.token or pushed.token)
+
+
+def project_id(project: Any) -> str | None:
+    """``"12.1795267061"`` → ``"12"`` (Label Studio appends the project's creation time)."""
+    return None if project is None else str(project).split(".")[0]
+
+
+class LabelStudioService:
+    """The backend's request logic over a ``Dispatcher`` and an ``ImageClient``."""
+
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        settings: Settings | None = None,
+        image_client: ImageClient | None = None,
+    ) -> None:
+        self.dispatcher = dispatcher
+        self.settings = settings or Settings()
+        self.client = image_client or ImageClient()
+        self.projects = Projects(self.settings)
+        # Task-open prefetches download images in the background; the dispatchers de-duplicate.
+        self._prefetcher = ThreadPoolExecutor(
+            self.settings.prefetch_threads, thread_name_prefix="ls-prefetch"
+        )
+
+    def close(self) -> None:
+        self._prefetcher.shutdown(wait=False, cancel_futures=True)
+
+    def stats(self) -> dict[str, dict[str, float]]:
+        """Cache counters for ``/metrics``: the dispatcher's and the image downloads'."""
+        stats = dict(self.dispatcher.stats())
+        stats["image-downloads"] = vars(self.client.cache.stats)
+        return stats
+
+    # -- endpoints ---------------------------------------------------------------------------
+    def setup(self, body: Any) -> dict[str, Any]:
+        if not isinstance(body, dict):
+            raise InvalidRequest("/setup expects a JSON object")
+        self.projects.remember(
+            project_id(body.get("project")), body.get("hostname"), body.get("access_token")
+        )
+        return {"model_version": self.settings.model_version}
+
+    def predict(self, payload: Any) -> dict[str, Any]:
+        request = self._parse(payload)
+        config = LabelConfig.parse(request.label_config)
+        creds = self.projects.credentials(request.project_id)
+        context = request.context
+        if not context or not context.get("result"):
+            self._prefetch_tasks(request, config, creds)
+            # Nothing to show yet: an empty list stores no junk prediction in Label Studio.
+            return {"results": []}
+        task = request.tasks[0]
+        results: list[dict[str, Any]] = []
+        empty: list[EmptyMask] = []
+        for obj in objects_from_context(context):
+            try:
+                results.extend(self._segment_object(task, obj, config, creds))
+            except EmptyMask as exc:  # one box over nothing must not lose the other objects
+                empty.append(exc)
+        if not results:
+            raise empty[0] if empty else EmptyMask("no region to return")
+        score = max(r["score"] for r in results)
+        return {
+            "results": [
+                {"result": results, "score": score, "model_version": self.settings.model_version}
+            ]
+        }
+
+    # -- internals -----------------------------------------------------------------------------
+    @staticmethod
+    def _parse(payload: Any) -> PredictRequest:
+        try:
+            return PredictRequest.model_validate(payload)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}"
+                for err in exc.errors()
+            )
+            raise InvalidRequest(f"invalid /predict request: {problems}") from exc
+
+    @staticmethod
+    def _task_image(task: dict[str, Any], config: LabelConfig, to_name: str) -> str:
+        key = config.image_key(to_name)
+        data = task.get("data")
+        if not isinstance(data, dict) or not isinstance(data.get(key), str) or not data[key]:
+            raise InvalidRequest(f"task {task.get('id')} has no image URL in data.{key}")
+        return data[key]
+
+    def _segment_object(
+        self, task: dict[str, Any], obj: ObjectRequest, config: LabelConfig, creds: Credentials
+    ) -> list[dict[str, Any]]:
+        settings = self.settings
+        url = self._task_image(task, config, obj.to_name)
+        started = time.perf_counter()
+        image = self.client.fetch(url, creds)
+        fetched = time.perf_counter()
+        height, width = images.size(image)
+        prompt = to_prompt(obj, width, height)
+        seg = self.dispatcher.segment(settings.model, image, prompt)
+        if seg.area == 0:
+            raise EmptyMask(f"{settings.model} found no object for these clicks")
+        out = regions(
+            seg,
+            obj,
+            config,
+            task_id=task.get("id"),
+            prompt=prompt,
+            polygon_tolerance=settings.polygon_tolerance,
+        )
+        log.info(
+            "task %s: %d click(s)%s -> %d px, score %.3f (fetch %.0f ms, segment %.0f ms)",
+            task.get("id"),
+            len(prompt.clicks),
+            " + box" if prompt.box else "",
+            seg.area,
+            seg.score,
+            (fetched - started) * 1000,
+            (time.perf_counter() - fetched) * 1000,
+        )
+        return out
+
+    def _prefetch_tasks(
+        self, request: PredictRequest, config: LabelConfig, creds: Credentials
+    ) -> None:
+        for task in request.tasks:
+            for to_name in config.images:
+                try:
+                    url = self._task_image(task, config, to_name)
+                except TapmaskError as exc:
+                    log.info("task %s: nothing to prefetch (%s)", task.get("id"), exc)
+                    continue
+                self._prefetcher.submit(self._prefetch_one, task.get("id"), url, creds)
+
+    def _prefetch_one(self, task_id: Any, url: str, creds: Credentials) -> None:
+        try:
+            self.dispatcher.prefetch(self.settings.model, self.client.fetch(url, creds))
+        except Exception as exc:  # background work: log, never raise
+            log.warning("task %s: prefetch failed: %s", task_id, exc)
