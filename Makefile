@@ -67,6 +67,12 @@ bench: $(VENV)/.installed-all+dev
 deploy-cvat:
 	serverless/deploy.sh $(if $(GPU),--gpu) $(FUNCTIONS)
 
+# CVAT: rewrite serverless/*/nuclio/ from the table in serverless/functions.py (a test fails when
+# a committed file differs from it). `python -m serverless.generate --check` only lists them.
+.PHONY: cvat-functions
+cvat-functions: $(VENV)/.installed-dev
+	$(PY) -m serverless.generate
+
 # Docker: the images (serverless/*/nuclio/function*.yaml use them as baseImage), and their lint.
 # The Dockerfiles need BuildKit (RUN --mount, COPY --chmod): the default builder since Docker 23.
 TAPMASK_CPU_IMAGE ?= tapmask/tapmask-cpu:latest

@@ -4,7 +4,8 @@
 #
 #   serverless/deploy.sh [--gpu] [--dry-run] [all | FUNCTION...]
 #
-# FUNCTION is a folder of serverless/: grabcut, sam, sam-embedding, ritm (default: all).
+# FUNCTION is a folder of serverless/ with a nuclio/function.yaml (default: all of them); the
+# folders are generated from the table in serverless/functions.py (make cvat-functions).
 # --gpu deploys function-gpu.yaml where a function has one (grabcut is CPU only).
 # --dry-run prints the commands instead of running them.
 #
@@ -29,7 +30,11 @@ set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(cd "$HERE/.." && pwd)"
-FUNCTIONS=(grabcut sam sam-embedding ritm sam2 edgetam)
+FUNCTIONS=()
+for yaml in "$HERE"/*/nuclio/function.yaml; do
+    function_dir="${yaml%/nuclio/function.yaml}"
+    FUNCTIONS+=("${function_dir##*/}")
+done
 FALLBACK_BASE_IMAGE="python:3.11-slim"
 DEFAULT_MODELS_DIR="/opt/tapmask/models"
 
@@ -48,7 +53,7 @@ for arg in "$@"; do
     case "$arg" in
         --gpu) gpu=1 ;;
         --dry-run) dry=1 ;;
-        -h|--help) sed -n '2,30p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,${/^#/!q;p;}' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
         all) selected+=("${FUNCTIONS[@]}") ;;
         -*) echo "deploy.sh: unknown option $arg" >&2; exit 2 ;;
         *)

@@ -4,7 +4,8 @@ CVAT's lambda manager reads ``metadata.name``, ``metadata.annotations`` (which n
 strings) and ``spec.description`` of every function in the nuclio project ``cvat``. A function it
 cannot parse is skipped (unknown ``type``) or breaks the whole list with a 500 (no description,
 a ``version``/``min_*_points`` that ``int()`` rejects, a ``spec`` that is not JSON). See
-``shared/protocols/cvat.md``.
+``shared/protocols/cvat.md``. The files are generated from ``serverless/functions.py``;
+``tests/test_cvat_function_table.py`` checks that they are what the table generates.
 """
 
 from __future__ import annotations
@@ -21,13 +22,14 @@ import yaml
 
 from backends.cvat import handler as cvat_handler
 from backends.models import registry
+from serverless.functions import FUNCTIONS as TABLE
 
 SERVERLESS = Path(__file__).resolve().parents[1] / "serverless"
-FUNCTIONS = {"grabcut", "sam", "sam-embedding", "ritm", "sam2", "edgetam"}
+FUNCTIONS = {function.folder: function for function in TABLE}
 YAMLS = sorted(SERVERLESS.glob("*/nuclio/function*.yaml"))
 MiB = 1 << 20
-#: Being registered in backends/models/registry.py alongside the RITM models.
-RITM_MODELS = {"ritm-h18", "ritm-h18s", "ritm-h32"}
+#: The kinds tapmask writes (CVAT also knows "reid").
+KINDS = ("interactor", "detector", "tracker")
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -98,39 +100,54 @@ def _seconds(duration: str) -> float:
 
 def test_function_folders_follow_cvats_layout():
     folders = {p.name for p in SERVERLESS.iterdir() if (p / "nuclio").is_dir()}
-    assert folders == FUNCTIONS
-    for name in FUNCTIONS:
+    assert folders == FUNCTIONS.keys()
+    for name, function in FUNCTIONS.items():
         nuclio = SERVERLESS / name / "nuclio"
         assert (nuclio / "function.yaml").is_file() and (nuclio / "main.py").is_file()
-        assert (nuclio / "function-gpu.yaml").is_file() == (name != "grabcut"), name
+        assert (nuclio / "function-gpu.yaml").is_file() == function.gpu, name
     assert (SERVERLESS / "README.md").is_file()
 
 
 @pytest.mark.parametrize("path", YAMLS, ids=_id)
 def test_cvat_lists_the_function(path):
-    config = _load(path)
+    check_listing(_load(path))
+
+
+def check_listing(config: dict[str, Any]) -> None:
+    """CVAT's listing rules for one function, per kind (also used on entries not yet added)."""
     meta = config["metadata"]
     assert isinstance(meta.get("name"), str)
     assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", meta["name"]), "a DNS-1123 name"
     annotations = meta["annotations"]
-    assert annotations["type"] == "interactor"
+    kind = annotations["type"]
+    assert kind in KINDS
     assert _cvat_int(annotations["version"]) >= 2, "version < 2 greys out Interact"
-    assert _cvat_int(annotations["min_pos_points"]) >= 0
-    assert _cvat_int(annotations["min_neg_points"]) == 0, "-1 would disable negative clicks"
     spec = annotations.get("spec")
     assert spec in (None, "") or isinstance(json.loads(spec), list), "spec: empty or JSON"
-    if "startswith_box_optional" in annotations:
-        # Any non-empty string is true for CVAT, "false" included: present means YAML true.
-        assert annotations["startswith_box_optional"] is True
-    assert "startswith_box" not in annotations
+    for key in ("startswith_box", "startswith_box_optional"):
+        if key in annotations:
+            # Any non-empty string is true for CVAT, "false" included: present means YAML true.
+            assert annotations[key] is True, key
+    assert not {"startswith_box", "startswith_box_optional"} <= annotations.keys()
     assert isinstance(annotations.get("name"), str) and annotations["name"].strip()
-    assert isinstance(annotations.get("help_message"), str) and annotations["help_message"]
     description = config["spec"].get("description")
     assert isinstance(description, str) and description.strip(), "no description breaks CVAT"
 
     listed = cvat_lambda_function(config)
-    assert listed["kind"] == "interactor" and listed["version"] >= 2
-    assert listed["min_neg_points"] == 0 and listed["labels"] == []
+    assert listed["kind"] == kind and listed["version"] >= 2
+    if kind == "interactor":
+        assert _cvat_int(annotations["min_pos_points"]) >= 0
+        assert _cvat_int(annotations["min_neg_points"]) == 0, "-1 would disable negative clicks"
+        assert isinstance(annotations.get("help_message"), str) and annotations["help_message"]
+    else:
+        assert "startswith_box" not in annotations and "startswith_box_optional" not in annotations
+    if kind == "detector":
+        # CVAT maps the labels to a task's labels by name: they must be unique.
+        names = [label["name"] for label in listed["labels"]]
+        assert names and len(set(names)) == len(names)
+        assert all(isinstance(label["id"], int) for label in listed["labels"])
+    else:
+        assert listed["labels"] == []
 
 
 @pytest.mark.parametrize("path", YAMLS, ids=_id)
@@ -138,7 +155,6 @@ def test_nuclio_spec(path):
     config = _load(path)
     spec = config["spec"]
     gpu = _is_gpu(path)
-    name = path.parents[1].name
     assert spec["runtime"] == "python:3.11"
     assert spec["handler"] == "main:handler"
     timeout = _seconds(spec["eventTimeout"])
@@ -151,7 +167,7 @@ def test_nuclio_spec(path):
     assert trigger["workerAvailabilityTimeoutMilliseconds"] == 10000
     workers = trigger["numWorkers"]
     assert isinstance(workers, int) and workers >= 1
-    if gpu or name != "grabcut":
+    if gpu or registry.spec(_env(config)["TAPMASK_MODEL"]).extra:
         assert workers == 1, "one process: one model copy, caches shared by all clicks"
     body = trigger["attributes"]["maxRequestBodySize"]
     assert isinstance(body, int) and body >= 128 * MiB
@@ -175,7 +191,7 @@ def test_environment_build_and_weights(path):
     env = _env(config)
     name = path.parents[1].name
     model = env["TAPMASK_MODEL"]
-    assert model in set(registry.names()) | RITM_MODELS
+    assert model in registry.names()
     settings = cvat_handler.settings_from_env(env)
     assert settings.model == model
 
@@ -188,10 +204,10 @@ def test_environment_build_and_weights(path):
     # Weights: a read-only volume at /models, never baked into the image or downloaded.
     checkpoints = {k: v for k, v in env.items() if k.endswith(("_CHECKPOINT", "_MODEL_DIR"))}
     volumes = spec.get("volumes", [])
-    if name == "grabcut":
-        assert not checkpoints and not volumes
-    else:
-        assert checkpoints and all(v.startswith("/models/") for v in checkpoints.values())
+    assert bool(checkpoints) == bool(volumes)
+    assert bool(checkpoints) == bool(registry.spec(model).extra), "weights-free: GrabCut only"
+    if checkpoints:
+        assert all(v.startswith("/models/") for v in checkpoints.values())
         mounts = [v["volumeMount"] for v in volumes]
         assert any(m["mountPath"] == "/models" and m.get("readOnly") for m in mounts)
     directives = spec["build"]["directives"]
@@ -201,9 +217,8 @@ def test_environment_build_and_weights(path):
     )
     text = " ".join(commands)
     assert not re.search(r"curl|wget|\.pth|ADD ", text), "no weights in the image"
-    extra = {"grabcut": "tapmask", "sam": "'tapmask[sam]'", "sam-embedding": "'tapmask[sam]'"}
-    extra |= {"sam2": "'tapmask[hf]'", "edgetam": "'tapmask[hf]'"}
-    expected = extra.get(name, "'tapmask[ritm]'")
+    extra = registry.spec(model).extra  # the extra the model's own import error asks for
+    expected = f"'tapmask[{extra}]'" if extra else "tapmask"
     installs = [
         c for c in directives["postCopy"] if "--find-links /opt/nuclio/wheels" in c["value"]
     ]
@@ -247,12 +262,15 @@ def test_deploy_script_dry_run():
         assert "--project-name cvat" in line and "--platform local" in line
         assert re.search(r"--file \S+/function\.yaml", line)
     assert "pip wheel" in result.stdout
+    # deploy.sh reads baseImage with sed: an unquoted scalar on its own line
+    assert "# if tapmask/tapmask-cpu:latest is not built locally" in result.stdout
 
     result = run("--gpu", "sam", "grabcut")
     assert result.returncode == 0, result.stderr
     deploys = [line for line in result.stdout.splitlines() if " deploy " in line]
     assert "sam/function-gpu.yaml" in deploys[0] and "grabcut/function.yaml" in deploys[1]
     assert "no GPU variant" in result.stderr
+    assert "# if tapmask/tapmask-gpu:latest is not built locally" in result.stdout
 
     assert run("nonexistent").returncode == 2
 
