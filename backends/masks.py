@@ -28,6 +28,8 @@ __all__ = [
     "cvat_crop_to_mask",
     "cvat_rle_to_mask",
     "largest_polygon",
+    "ls_rle_decode_values",
+    "ls_rle_encode_values",
     "ls_rle_to_mask",
     "mask_bbox",
     "mask_to_coco_rle",
@@ -395,8 +397,9 @@ def _runs(flat: NDArray[Any]) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
     return np.diff(bounds), flat[bounds[:-1]].astype(np.int64)
 
 
-def _ls_encode_array(values: ArrayLike) -> list[int]:
-    """``label_studio_sdk.converter.brush.encode_rle`` for any 1-D array of 8-bit values."""
+def ls_rle_encode_values(values: ArrayLike) -> list[int]:
+    """``label_studio_sdk.converter.brush.encode_rle``: brush RLE of any 8-bit values (an RGBA
+    image flattened, a label map); ``mask_to_ls_rle`` is the binary-mask case."""
     arr = np.asarray(values).ravel()
     if arr.size and (arr.min() < 0 or arr.max() > 255):
         raise ValueError("Label Studio RLE words are 8-bit: values must be in 0..255")
@@ -514,7 +517,7 @@ def _ls_decode_runs(
     return words, repeats
 
 
-def _ls_decode_values(rle: ArrayLike | bytes, expected: int | None = None) -> NDArray[np.uint32]:
+def ls_rle_decode_values(rle: ArrayLike | bytes, expected: int | None = None) -> NDArray[np.uint32]:
     """The flat values of a brush RLE stream (what the SDK's ``decode_rle`` returns)."""
     words, repeats = _ls_decode_runs(rle, expected)
     return np.repeat(words.astype(np.uint32), repeats)

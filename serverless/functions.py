@@ -45,7 +45,7 @@ class Variant:
     deploy_flags: str  # serverless/deploy.sh options that deploy this file
     event_timeout: str  # exceeding it answers 408 and restarts the worker (a model reload)
     device: str  # TAPMASK_DEVICE, written for torch functions only
-    base_image: str  # built from docker/ (tests/test_docker.py ties them)
+    base_image: str  # built from docker/ (tests/test_dockerfiles.py ties them)
     image_suffix: str  # of the function's own image, tapmask/cvat-<folder><suffix>:latest
     gpus: int  # resources.limits nvidia.com/gpu; 0 writes no resources
     torch_index: str | None  # preCopy: CPU_TORCH[extra] from this index first; None: no preCopy

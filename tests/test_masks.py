@@ -158,28 +158,28 @@ def _run_array(lengths: list[int], seed: int = 0) -> np.ndarray:
 def test_ls_encoder_matches_sdk_encode_rle_for_any_bytes(lengths: list[int]) -> None:
     """Covers the SDK's literal path (runs of 1) and its long-run splitting directly."""
     arr = _run_array(lengths)
-    ours = M._ls_encode_array(arr)
+    ours = M.ls_rle_encode_values(arr)
     assert ours == encode_rle(arr)
-    assert np.array_equal(M._ls_decode_values(ours), arr)
+    assert np.array_equal(M.ls_rle_decode_values(ours), arr)
 
 
 def test_ls_encoder_matches_sdk_encode_rle_on_random_bytes() -> None:
     rng = np.random.default_rng(7)
     for size in (1, 2, 5, 64, 999):
         arr = rng.integers(0, 4, size).astype(np.uint8)
-        assert M._ls_encode_array(arr) == encode_rle(arr)
+        assert M.ls_rle_encode_values(arr) == encode_rle(arr)
 
 
 def test_ls_padding_adds_a_zero_byte_when_already_aligned() -> None:
     """The SDK pads with 8 - bits % 8 zeros: a whole zero byte when the stream is aligned."""
     # 53 header bits + 15 (a run of 9) + 14 + 14 (two single values) = 96 bits, aligned.
     arr = _run_array([9, 1, 1])
-    ours = M._ls_encode_array(arr)
+    ours = M.ls_rle_encode_values(arr)
     assert ours == encode_rle(arr)
     assert len(ours) == 96 // 8 + 1 and ours[-1] == 0
     for n in range(1, 12):  # odd totals: 1..7 padding bits
         arr = _run_array([1] * n)
-        ours = M._ls_encode_array(arr)
+        ours = M.ls_rle_encode_values(arr)
         assert ours == encode_rle(arr)
         assert len(ours) == (53 + 14 * n) // 8 + 1
 
@@ -231,7 +231,7 @@ def test_ls_decoder_handles_multi_word_literals_and_other_parameters() -> None:
         stream.write(s - 1, 4)
     stream.bits += body.bits
     rle = stream.to_list()
-    ours = M._ls_decode_values(rle)
+    ours = M.ls_rle_decode_values(rle)
     assert ours.tolist() == expected
     assert decode_rle(rle).tolist() == expected  # the SDK's reference decoder agrees
 
