@@ -26,20 +26,8 @@ from rq.timeouts import JobTimeoutException
 from backends.engine import Engine
 from backends.errors import ImageError, TapmaskError, Timeout, Unavailable, UnknownImage
 from backends.images import sha256
-from backends.redis.protocol import (
-    EXPORT_JOB,
-    JOB_NAMES,
-    PREFETCH_JOB,
-    SEGMENT_JOB,
-    ExportJob,
-    Keys,
-    PrefetchJob,
-    SegmentJob,
-    error_reply,
-    export_reply,
-    ok_reply,
-    segmentation_reply,
-)
+from backends.redis import protocol
+from backends.redis.protocol import ExportJob, Keys, PrefetchJob, SegmentJob, error_reply
 
 log = logging.getLogger(__name__)
 
@@ -81,13 +69,13 @@ def _image_ref(rt: WorkerRuntime, key: str) -> bytes | str:
 def _segment(rt: WorkerRuntime, payload: Any) -> dict[str, Any]:
     job = SegmentJob.from_payload(payload)
     result = rt.engine.segment(job.model, _image_ref(rt, job.image), job.prompt)
-    return segmentation_reply(result, rt.name)
+    return protocol.segmentation_reply(result, rt.name)
 
 
 def _prefetch(rt: WorkerRuntime, payload: Any) -> dict[str, Any]:
     job = PrefetchJob.from_payload(payload)
     rt.engine.prefetch(job.model, _image_ref(rt, job.image))
-    return ok_reply(rt.name)
+    return protocol.ok_reply(rt.name)
 
 
 def _export(rt: WorkerRuntime, payload: Any) -> dict[str, Any]:
@@ -97,7 +85,7 @@ def _export(rt: WorkerRuntime, payload: Any) -> dict[str, Any]:
     current = get_current_job()
     key = rt.keys.output(current.id if current is not None else uuid.uuid4().hex)
     rt.connection.set(key, array.tobytes(), ex=rt.output_ttl)
-    return export_reply(rt.name, key, job.dtype, tuple(array.shape))
+    return protocol.export_reply(rt.name, key, job.dtype, tuple(array.shape))
 
 
 def _run(handler: Callable[[WorkerRuntime, Any], dict[str, Any]], payload: Any) -> dict[str, Any]:
@@ -140,11 +128,11 @@ def export_job(request: dict[str, Any]) -> dict[str, Any]:
 
 #: The job functions by the dotted names the dispatcher enqueues (``backends.redis.protocol``).
 JOB_FUNCTIONS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
-    SEGMENT_JOB: segment_job,
-    PREFETCH_JOB: prefetch_job,
-    EXPORT_JOB: export_job,
+    protocol.SEGMENT_JOB: segment_job,
+    protocol.PREFETCH_JOB: prefetch_job,
+    protocol.EXPORT_JOB: export_job,
 }
-assert set(JOB_FUNCTIONS) == JOB_NAMES
+assert set(JOB_FUNCTIONS) == protocol.JOB_NAMES
 
 
 class RejectedJob(Exception):

@@ -23,6 +23,23 @@ def _add_redis_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _setting(
+    parser: argparse.ArgumentParser,
+    flag: str,
+    env: str,
+    kind: type[int] | type[float],
+    default: float,
+    help: str,
+) -> None:
+    """An option whose default comes from an environment variable (containers set those)."""
+    parser.add_argument(
+        flag,
+        type=kind,
+        default=kind(os.environ.get(env, default)),
+        help=f"{help} (${env}; default {default})",
+    )
+
+
 def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     """``tapmask worker``: which models to serve, where, and the shared-cache bounds."""
     parser.add_argument(
@@ -42,29 +59,37 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="module to import first, to register extra models (also $TAPMASK_PLUGINS)",
     )
-    parser.add_argument(
+    _setting(
+        parser,
         "--heartbeat",
-        type=float,
-        default=float(os.environ.get("TAPMASK_WORKER_HEARTBEAT", 1.0)),
-        help="seconds between heartbeats; the presence key lives 5 heartbeats (default 1)",
+        "TAPMASK_WORKER_HEARTBEAT",
+        float,
+        1.0,
+        "seconds between heartbeats; the presence key lives 5 heartbeats",
     )
-    parser.add_argument(
+    _setting(
+        parser,
         "--shared-embeddings-mb",
-        type=float,
-        default=float(os.environ.get("TAPMASK_SHARED_EMBEDDINGS_MB", 4096)),
-        help="bound of the embeddings shared through Redis, all workers together; 0 disables",
+        "TAPMASK_SHARED_EMBEDDINGS_MB",
+        float,
+        4096,
+        "bound of the embeddings shared through Redis, all workers together; 0 disables",
     )
-    parser.add_argument(
+    _setting(
+        parser,
         "--shared-embedding-ttl",
-        type=int,
-        default=int(os.environ.get("TAPMASK_SHARED_EMBEDDING_TTL", 3600)),
-        help="seconds a shared embedding lives after its last use (default 3600)",
+        "TAPMASK_SHARED_EMBEDDING_TTL",
+        int,
+        3600,
+        "seconds a shared embedding lives after its last use",
     )
-    parser.add_argument(
+    _setting(
+        parser,
         "--shared-embedding-max-mb",
-        type=float,
-        default=64,
-        help="embeddings larger than this are not shared (default 64)",
+        "TAPMASK_SHARED_EMBEDDING_MAX_MB",
+        float,
+        64,
+        "embeddings larger than this are not shared",
     )
     parser.add_argument("--burst", action="store_true", help="exit when the queues are empty")
     parser.add_argument("--max-jobs", type=int, help="exit after this many jobs")
