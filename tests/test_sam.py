@@ -268,9 +268,13 @@ def test_type_inference_errors() -> None:
 
 
 def test_architecture_from_options_is_checked() -> None:
+    import dataclasses
+
     from backends.models.sizes import SAM_VIT_SIZES, SamArchitecture
 
-    assert SamArchitecture.of(SAM_VIT_SIZES["vit_b"].as_dict()) == SAM_VIT_SIZES["vit_b"]
+    vit_b = SAM_VIT_SIZES["vit_b"]
+    assert SamArchitecture.of(vit_b) is vit_b
+    assert SamArchitecture.of(dataclasses.asdict(vit_b)) == vit_b
     assert SamArchitecture.of(TINY_SAM).encoder_global_attn_indexes == ()
     with pytest.raises(ModelLoadError, match="bad SAM architecture"):
         SamArchitecture.of({**TINY_SAM, "encoder_width": 3})

@@ -9,7 +9,6 @@ transformers), so the registry and the CLI can use it on machines without the mo
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -62,9 +61,6 @@ class SamArchitecture:
             return cls(**fields)
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelLoadError(f"bad SAM architecture {value!r}: {exc}") from exc
-
-    def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
     @property
     def embedding_size(self) -> int:

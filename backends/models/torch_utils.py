@@ -31,7 +31,7 @@ def rgb(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(image[:, :, :3])
 
 
-def some(items: Sequence[str], n: int = 5) -> str:
+def first_few(items: Sequence[str], n: int = 5) -> str:
     """The first ``n`` items, comma-separated, and how many there are when that is not all."""
     shown = ", ".join(items[:n])
     return shown + (f", … ({len(items)} in all)" if len(items) > n else "")
@@ -76,4 +76,4 @@ def state_dict_mismatches(
         ("unexpected keys", unexpected),
         ("shape mismatches (checkpoint vs model)", mismatched),
     )
-    return [f"{what}: {some(keys)}" for what, keys in parts if keys]
+    return [f"{what}: {first_few(keys)}" for what, keys in parts if keys]

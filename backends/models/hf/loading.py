@@ -15,7 +15,7 @@ import torch
 
 from backends.errors import ModelLoadError
 from backends.models.hf import HfModel
-from backends.models.torch_utils import some
+from backends.models.torch_utils import first_few
 
 log = logging.getLogger(__name__)
 
@@ -174,9 +174,9 @@ def load_pretrained(model_class: Any, info: HfModel, directory: Path, config: An
     missing = sorted(loading.get("missing_keys") or ())
     mismatched = sorted(str(k) for k in loading.get("mismatched_keys") or ())
     if missing:
-        problems.append(f"missing weights: {some(missing)}")
+        problems.append(f"missing weights: {first_few(missing)}")
     if mismatched:
-        problems.append(f"mis-shaped weights: {some(mismatched)}")
+        problems.append(f"mis-shaped weights: {first_few(mismatched)}")
     if problems:
         raise ModelLoadError(
             f"{directory / WEIGHTS_FILE} does not match its config.json for {info.name!r}: "
@@ -184,7 +184,7 @@ def load_pretrained(model_class: Any, info: HfModel, directory: Path, config: An
         )
     unexpected = sorted(loading.get("unexpected_keys") or ())
     if unexpected:
-        log.warning("%s: %s holds unused weights: %s", info.name, directory, some(unexpected))
+        log.warning("%s: %s holds unused weights: %s", info.name, directory, first_few(unexpected))
     return model.eval()
 
 
