@@ -31,7 +31,7 @@ from backends import images
 from backends.cache import LRUCache, nbytes
 from backends.errors import ModelNotFound, TapmaskError, UnknownImage
 from backends.models import registry
-from backends.models.base import Segmenter
+from backends.models.base import ExportsEmbedding, Segmenter, SharesEmbeddings, accepts_box
 from backends.prompts import Prompt, Segmentation
 
 log = logging.getLogger(__name__)
@@ -65,9 +65,8 @@ class EngineStats:
 class SharedEmbeddings(Protocol):
     """A second-tier embedding cache shared between processes (e.g. ``RedisEmbeddingStore``).
 
-    It stores bytes; a model opts in by providing ``embedding_to_bytes(embedding)`` and
-    ``embedding_from_bytes(data)``. Implementations must not raise for a lookup or store that
-    fails (report a miss instead).
+    It stores bytes; a model opts in by implementing ``backends.models.base.SharesEmbeddings``.
+    Implementations must not raise for a lookup or store that fails (report a miss instead).
     """
 
     def get(self, model: str, image_key: str) -> bytes | None: ...
@@ -166,14 +165,13 @@ class Engine:
 
     def _shared_embedding(self, name: str, model: Segmenter, key: str) -> Any:
         """The embedding from the shared tier, or None (no tier, model opts out, miss, error)."""
-        load = getattr(model, "embedding_from_bytes", None)
-        if self.shared_embeddings is None or load is None:
+        if self.shared_embeddings is None or not isinstance(model, SharesEmbeddings):
             return None
         try:
             data = self.shared_embeddings.get(name, key)
             if data is None:
                 return None
-            embedding = load(data)
+            embedding = model.embedding_from_bytes(data)
         except Exception:  # a corrupt or foreign entry is a miss, never a failed click
             log.warning("unusable shared embedding for %s/%s", name, key[:12], exc_info=True)
             return None
@@ -181,11 +179,14 @@ class Engine:
         return embedding
 
     def _share_embedding(self, name: str, model: Segmenter, key: str, embedding: Any) -> None:
-        dump = getattr(model, "embedding_to_bytes", None)
-        if self.shared_embeddings is None or dump is None or embedding is None:
+        if (
+            self.shared_embeddings is None
+            or not isinstance(model, SharesEmbeddings)
+            or embedding is None
+        ):
             return
         try:
-            self.shared_embeddings.put(name, key, dump(embedding))
+            self.shared_embeddings.put(name, key, model.embedding_to_bytes(embedding))
         except Exception:
             log.warning("could not share the embedding of %s/%s", name, key[:12], exc_info=True)
 
@@ -200,13 +201,12 @@ class Engine:
     def export_embedding(self, name: str, image: ImageRef) -> np.ndarray:
         """The model's raw image embedding as a numpy array (CVAT's stock SAM plugin needs it)."""
         model = self.model(name)
-        exporter = getattr(model, "export_embedding", None)
-        if exporter is None:
+        if not isinstance(model, ExportsEmbedding):
             raise TapmaskError(f"model {name!r} has no exportable image embedding")
         key, array = self.image(image)
         with self._locks[name]:
             embedding = self._embedding(name, model, key, array)
-            return np.asarray(exporter(embedding))
+            return np.asarray(model.export_embedding(embedding))
 
     # -- segmentation ----------------------------------------------------------------------
     def segment(self, name: str, image: ImageRef, prompt: Prompt) -> Segmentation:
@@ -256,8 +256,7 @@ class Engine:
         A box is the first step for models that take one; models that do not (RITM) start at
         the first click.
         """
-        takes_box = getattr(model, "accepts_box", True)
-        box_step = prompt.box is not None and (takes_box or not prompt.clicks)
+        box_step = prompt.box is not None and (accepts_box(model) or not prompt.clicks)
         first = 0 if box_step else 1
         return [prompt.prefix(n) for n in range(first, len(prompt.clicks) + 1)]
 

@@ -36,10 +36,10 @@ def tiny_sam_checkpoint(tmp_path_factory) -> Path:
     """Random (seeded) tiny SAM weights saved as a plain state dict, like the official files."""
     import torch
 
-    from backends.models import sam
+    from backends.models.sam.loader import build_sam_model
 
     torch.manual_seed(0)
-    model = sam.build_sam_from_config(**TINY_SAM)
+    model = build_sam_model(TINY_SAM)
     path = tmp_path_factory.mktemp("sam") / "tiny_sam.pth"
     torch.save(model.state_dict(), path)
     return path
@@ -54,7 +54,7 @@ def edgetam_dir(tmp_path_factory) -> Path:
     from transformers import EdgeTamModel, Sam2ImageProcessor, Sam2Processor
 
     from backends.models import hf
-    from backends.models.hf.sam2_family import default_config
+    from backends.models.hf.families import default_config
 
     torch.manual_seed(0)
     directory = tmp_path_factory.mktemp("models") / "edgetam"

@@ -397,10 +397,10 @@ EMBED_SAM = {
 def embed_sam_checkpoint(tmp_path_factory):
     import torch
 
-    from backends.models import sam
+    from backends.models.sam.loader import build_sam_model
 
     torch.manual_seed(1)
-    model = sam.build_sam_from_config(**EMBED_SAM)
+    model = build_sam_model(EMBED_SAM)
     path = tmp_path_factory.mktemp("sam256") / "embed_sam.pth"
     torch.save(model.state_dict(), path)
     return path
@@ -420,14 +420,14 @@ def test_embedding_function_answers_the_sam_predictor_embedding_once_per_frame(
     import torch
     from segment_anything import SamPredictor
 
-    from backends.models import sam
+    from backends.models.sam.loader import build_sam_model
 
     fn = _embedding_fn(embed_sam_checkpoint, EMBED_SAM)
     data = image_variant(flower, "png")
     # The plugin's request carries the clicks too; embedding mode ignores them.
     blob = decode_blob(fn.call(cvat_payload(data, [flower.click], [], [])))
 
-    model = sam.build_sam_from_config(**EMBED_SAM)
+    model = build_sam_model(EMBED_SAM)
     model.load_state_dict(torch.load(embed_sam_checkpoint, weights_only=True))
     predictor = SamPredictor(model)
     predictor.set_image(images.decode(data))

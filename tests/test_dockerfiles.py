@@ -195,7 +195,7 @@ def dockerignore_allows(path: str) -> bool:
         "pyproject.toml",
         "README.md",
         "backends/cli.py",
-        "backends/models/sam.py",
+        "backends/models/sam/core.py",
         "docker/entrypoint.sh",
         "docker/healthcheck.py",
     ],

@@ -69,11 +69,11 @@ def _save(model, processor, directory: Path) -> Path:
 
 def _make_sam_hf(directory: Path) -> Path:
     """Tiny segment-anything weights converted with our converter (also tests it)."""
-    from backends.models import sam
+    from backends.models.sam.loader import build_sam_model
 
     torch.manual_seed(1)
     source = directory.parent / f"{directory.name}.pth"
-    torch.save(sam.build_sam_from_config(**TINY_SAM).state_dict(), source)
+    torch.save(build_sam_model(TINY_SAM).state_dict(), source)
     return hf.convert_sam_checkpoint(source, directory, architecture=TINY_SAM)
 
 
@@ -134,7 +134,7 @@ def _make_sam2(directory: Path, *, video: bool = False) -> Path:
 def _make_edgetam(directory: Path) -> Path:
     from transformers import EdgeTamModel, Sam2ImageProcessor, Sam2Processor
 
-    from backends.models.hf.sam2_family import default_config
+    from backends.models.hf.families import default_config
 
     torch.manual_seed(4)
     config = default_config(  # the real RepViT-M1 backbone (timm), tiny neck and heads
@@ -173,7 +173,7 @@ def model_dirs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def segmenters(model_dirs):
-    built: dict[str, hf.common.HfSegmenter] = {}
+    built: dict = {}
 
     def get(name: str):
         if name not in built:
@@ -195,7 +195,7 @@ def image() -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def embeddings(segmenters, image):
-    cache: dict[str, hf.common.HfEmbedding] = {}
+    cache: dict = {}
 
     def get(name: str):
         if name not in cache:
@@ -289,7 +289,7 @@ def test_embedding_bytes_and_shared_round_trip(name, segmenters, embeddings):
     segmenter = segmenters(name)
     embedding = embeddings(name)
     shapes = [tuple(t.shape) for t in embedding.tensors]
-    assert shapes == segmenter.expected_shapes()
+    assert shapes == segmenter.backbone.expected_shapes()
     assert embedding.nbytes == sum(t.numel() * 4 for t in embedding.tensors)
     if segmenter.family in ("sam2", "edgetam"):
         assert len(shapes) == 3  # image embedding + two high-resolution feature maps
@@ -340,7 +340,7 @@ def test_engine_caches_the_embedding_and_shares_it(segmenters, image):
         result = engine.segment(name, png, Prompt(clicks[:n]))
         assert result.mask.shape == IMAGE_SHAPE and result.model == name
     assert engine.stats.encodes == 1 and engine.stats.decodes == 3
-    expected = sum(int(np.prod(shape)) * 4 for shape in segmenter.expected_shapes())
+    expected = sum(int(np.prod(shape)) * 4 for shape in segmenter.backbone.expected_shapes())
     assert engine.embeddings.stats.bytes == expected
     assert len(shared.data) == 1
 
@@ -446,11 +446,11 @@ def test_broken_weights_are_refused(model_dirs, tmp_path):
 
 def test_fused_edgetam_backbone_gives_the_same_embedding(model_dirs, segmenters, embeddings, image):
     fused = segmenters("edgetam")
-    assert fused.channels_last  # the default: BatchNorm / RepVGG branches folded, NHWC convs
+    assert fused.backbone.channels_last  # the default: BatchNorm / RepVGG folded, NHWC convs
     plain = hf.build(
         "edgetam", checkpoint=model_dirs("edgetam"), check_variant=False, fuse_backbone=False
     )
-    assert not plain.channels_last
+    assert not plain.backbone.channels_last
     for a, b in zip(embeddings("edgetam").tensors, plain.encode(image).tensors, strict=True):
         assert float((a - b).abs().max()) <= 1e-4 * float(b.abs().max()) + 1e-7
 
@@ -476,24 +476,28 @@ def test_unknown_name_and_random_weights_with_checkpoint(tmp_path):
         hf.build("sam2.1-hiera-huge")
     with pytest.raises(ModelLoadError, match="mutually exclusive"):
         hf.build("sam2.1-hiera-tiny", checkpoint=tmp_path, random_weights=True)
+    with pytest.raises(ModelLoadError, match="takes no option hq_token_only"):
+        hf.build("sam2.1-hiera-tiny", random_weights=True, hq_token_only=True)
+    with pytest.raises(ModelLoadError, match="takes no option fuse_backbone"):
+        hf.build("sam-hq-vit-b", random_weights=True, fuse_backbone=False)
 
 
 @pytest.mark.parametrize("name", hf.names())
 def test_official_architectures_pass_their_size_check(name, tmp_path):
     """The default (official) config of each name, saved and read back, passes its own size check
     and fails every other size of its family."""
-    from backends.models.hf import common, sam2_family, sam_family
+    from backends.models.hf import loading
+    from backends.models.hf.families import default_config
 
     info = hf.model_info(name)
-    module = sam_family if info.family.module == "sam_family" else sam2_family
-    module.default_config(info).save_pretrained(str(tmp_path))
+    default_config(info).save_pretrained(str(tmp_path))
     model_class = getattr(transformers, info.family.model_class)
-    config = common.load_config(model_class, info, tmp_path)
-    common.check_variant(info, config, tmp_path)
+    config = loading.load_config(model_class, info, tmp_path)
+    loading.check_variant(info, config, tmp_path)
     for other in hf.MODELS.values():
         if other.family is info.family and other.name != name and other.fingerprint:
             with pytest.raises(ModelLoadError, match="another size"):
-                common.check_variant(other, config, tmp_path)
+                loading.check_variant(other, config, tmp_path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -575,14 +579,14 @@ VIT_B_REDUCED = {
 
 @pytest.fixture(scope="module")
 def fidelity(tmp_path_factory):
-    from backends.models import sam
+    from backends.models.sam import loader
 
     root = tmp_path_factory.mktemp("fidelity")
     torch.manual_seed(0)
     source = root / "sam_vit_b_reduced.pth"
-    torch.save(sam.build_sam_from_config(**VIT_B_REDUCED).state_dict(), source)
+    torch.save(loader.build_sam_model(VIT_B_REDUCED).state_dict(), source)
     directory = hf.convert_sam_checkpoint(source, root / "hf", architecture=VIT_B_REDUCED)
-    ours = sam.build("sam", checkpoint=source, device="cpu", architecture=VIT_B_REDUCED)
+    ours = loader.build("sam", checkpoint=source, device="cpu", architecture=VIT_B_REDUCED)
     theirs = hf.build("sam-hf-vit-b", checkpoint=directory, device="cpu", check_variant=False)
     return ours, theirs
 
@@ -639,13 +643,14 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
 def test_key_mapping_covers_the_official_architectures(variant):
     """Every official segment-anything key maps onto a SamModel key of the same shape."""
     from segment_anything import sam_model_registry
-    from transformers import SamModel
+    from transformers import SamConfig, SamModel
 
-    from backends.models.hf.convert import OFFICIAL_ARCHITECTURES, convert_state_dict, sam_config
+    from backends.models.hf.convert import convert_state_dict
+    from backends.models.sizes import SAM_VIT_SIZES
 
     with torch.device("meta"):  # shapes only: no memory, no init time
         official = sam_model_registry[variant](checkpoint=None).state_dict()
-        target = SamModel(sam_config(OFFICIAL_ARCHITECTURES[variant])).state_dict()
+        target = SamModel(SamConfig(**SAM_VIT_SIZES[variant].hf_config())).state_dict()
     converted = convert_state_dict(official)
     assert set(converted) == set(target)
     assert all(converted[k].shape == target[k].shape for k in target)
@@ -660,3 +665,45 @@ def test_convert_refuses_foreign_files(tmp_path):
         hf.convert_sam_checkpoint(path, tmp_path / "out", architecture=TINY_SAM)
     with pytest.raises(ModelLoadError, match="does not exist"):
         hf.convert_sam_checkpoint(tmp_path / "absent.pth", tmp_path / "out")
+
+
+# --------------------------------------------------------------------------------------------
+# Capabilities and the size table
+
+
+def test_capabilities_follow_the_embedding_layout(segmenters, embeddings):
+    """Every family shares its embeddings; SAM and HQ-SAM also export SAM's image embedding
+    (CVAT's stock SAM plugin), SAM 2.1 and EdgeTAM have no such embedding to export."""
+    from backends.models.base import ExportsEmbedding, SharesEmbeddings, accepts_box
+
+    for name in FAMILY_NAMES:
+        segmenter = segmenters(name)
+        assert isinstance(segmenter, SharesEmbeddings) and accepts_box(segmenter)
+        exports = segmenter.family in ("sam", "sam_hq")
+        assert isinstance(segmenter, ExportsEmbedding) is exports
+        if exports:
+            embedding = embeddings(name)
+            exported = segmenter.export_embedding(embedding)
+            np.testing.assert_array_equal(exported, embedding.to_numpy()[0])
+            assert exported.shape == (1, 32, 64, 64)  # the tiny models' 32 channels
+
+
+def test_default_configs_are_the_official_ones():
+    """The size table gives transformers' own defaults where those are the official model."""
+    from transformers import EdgeTamConfig, Sam2Config, SamConfig
+
+    from backends.models.hf.families import default_config
+
+    def same(a, b) -> bool:
+        return {**a.to_dict(), "transformers_version": None} == {
+            **b.to_dict(),
+            "transformers_version": None,
+        }
+
+    assert same(default_config(hf.model_info("sam2.1-hiera-tiny")), Sam2Config())
+    assert same(default_config(hf.model_info("sam-hf-vit-b")), SamConfig())
+    edgetam = default_config(hf.model_info("edgetam"))
+    assert edgetam.vision_config.backbone_config.architecture == "repvit_m1"
+    assert list(edgetam.vision_config.backbone_channel_list) == list(
+        EdgeTamConfig().vision_config.backbone_channel_list
+    )

@@ -60,9 +60,9 @@ def test_official_table() -> None:
 
 @pytest.fixture(scope="module")
 def sam():
-    from backends.models import sam as sam_module
+    from backends.models.sam import loader
 
-    return sam_module
+    return loader
 
 
 @pytest.fixture(scope="module")
@@ -91,10 +91,28 @@ def embedding(segmenter, image):
 def test_embedding(segmenter, embedding) -> None:
     assert embedding.original_size == (200, 300)
     assert embedding.input_size == (683, 1024)
-    assert tuple(embedding.features.shape) == (1, 32, 64, 64)
-    array = embedding.to_numpy()
+    assert [tuple(t.shape) for t in embedding.tensors] == [(1, 32, 64, 64)]
+    [array] = embedding.to_numpy()
     assert array.dtype == np.float32 and array.shape == (1, 32, 64, 64)
     assert embedding.nbytes == array.nbytes == 32 * 64 * 64 * 4
+    exported = segmenter.export_embedding(embedding)
+    np.testing.assert_array_equal(exported, array)
+    assert exported.dtype == np.float32
+
+
+def test_shared_embedding_round_trip(segmenter, embedding) -> None:
+    import torch
+
+    data = segmenter.embedding_to_bytes(embedding)
+    assert len(data) < embedding.nbytes // 2 + 1024  # fp16
+    restored = segmenter.embedding_from_bytes(data)
+    assert restored.original_size == embedding.original_size
+    assert restored.input_size == embedding.input_size
+    [before], [after] = embedding.tensors, restored.tensors
+    assert after.dtype == torch.float32 and after.shape == before.shape
+    assert float((before - after).abs().max()) <= 1e-3 * float(before.abs().max()) + 1e-7
+    with pytest.raises(ValueError, match="truncated"):
+        segmenter.embedding_from_bytes(data[:-2])
 
 
 def test_click_gives_full_size_mask(segmenter, image, embedding) -> None:
@@ -174,7 +192,9 @@ def test_matches_sam_predictor(segmenter, image, embedding) -> None:
 
     predictor = SamPredictor(segmenter.model)
     predictor.set_image(image)
-    np.testing.assert_array_equal(predictor.get_image_embedding().numpy(), embedding.to_numpy())
+    np.testing.assert_array_equal(
+        predictor.get_image_embedding().numpy(), segmenter.export_embedding(embedding)
+    )
 
     clicks = (Click(150, 100), Click(90, 60, positive=False))
     coords = np.array([[c.x, c.y] for c in clicks])
@@ -222,25 +242,44 @@ def test_official_architectures_and_type_inference(sam, model_type, width) -> No
     import torch
     from segment_anything import sam_model_registry
 
+    from backends.models.sizes import SAM_VIT_SIZES, sam_variant
+
     with torch.device("meta"):  # shapes only: no memory, no init time
         official = sam_model_registry[model_type](checkpoint=None).state_dict()
-        ours = sam.build_sam_from_config(**sam.OFFICIAL_ARCHITECTURES[model_type]).state_dict()
+        ours = sam.build_sam_model(SAM_VIT_SIZES[model_type]).state_dict()
     assert {k: v.shape for k, v in official.items()} == {k: v.shape for k, v in ours.items()}
     assert official["image_encoder.patch_embed.proj.weight"].shape[0] == width
-    assert sam.infer_model_type(official) == model_type
+    assert sam_variant(official) == model_type
 
 
-def test_type_inference_errors(sam) -> None:
+def test_type_inference_errors() -> None:
     import torch
 
+    from backends.models.sizes import sam_variant
+
     fake = torch.empty((1280, 3, 16, 16), device="meta")
-    assert sam.infer_model_type({"image_encoder.patch_embed.proj.weight": fake}) == "vit_h"
+    assert sam_variant({"image_encoder.patch_embed.proj.weight": fake}) == "vit_h"
     with pytest.raises(ModelLoadError, match="width 32"):
-        sam.infer_model_type(
+        sam_variant(
             {"image_encoder.patch_embed.proj.weight": torch.empty((32, 3, 16, 16), device="meta")}
         )
     with pytest.raises(ModelLoadError, match="patch_embed"):
-        sam.infer_model_type({})
+        sam_variant({})
+
+
+def test_architecture_from_options_is_checked() -> None:
+    import dataclasses
+
+    from backends.models.sizes import SAM_VIT_SIZES, SamArchitecture
+
+    vit_b = SAM_VIT_SIZES["vit_b"]
+    assert SamArchitecture.of(vit_b) is vit_b
+    assert SamArchitecture.of(dataclasses.asdict(vit_b)) == vit_b
+    assert SamArchitecture.of(TINY_SAM).encoder_global_attn_indexes == ()
+    with pytest.raises(ModelLoadError, match="bad SAM architecture"):
+        SamArchitecture.of({**TINY_SAM, "encoder_width": 3})
+    with pytest.raises(ModelLoadError, match="bad SAM architecture"):
+        SamArchitecture.of({"encoder_depth": 1})
 
 
 def test_tiny_checkpoint_without_architecture_is_refused(sam, tiny_checkpoint) -> None:
@@ -330,9 +369,11 @@ def test_registry_builds_through_sam_module(sam, tiny_checkpoint) -> None:
 
     model = registry.create("sam", checkpoint=tiny_checkpoint, device="cpu", architecture=TINY_SAM)
     assert model.name == "sam" and model.replays_history is True
-    from backends.models.base import Segmenter
+    from backends.models.base import ExportsEmbedding, Segmenter, SharesEmbeddings, accepts_box
 
     assert isinstance(model, Segmenter)
+    assert isinstance(model, SharesEmbeddings) and isinstance(model, ExportsEmbedding)
+    assert accepts_box(model)
     with pytest.raises(ModelLoadError, match="not found"):
         registry.create("sam-vit_l", checkpoint=tiny_checkpoint.with_name("absent.pth"))
 

@@ -1,11 +1,11 @@
 """transformers families vs segment-anything SAM ViT-B: image encode, cached click, cache bytes.
 
 One run measures, side by side on the CPU at 1920×1080: SAM ViT-B through segment-anything (the
-baseline, ``backends.models.sam.build(model_type="vit_b", random_weights=True)``) and one model per
-transformers family, all real-size architectures with *random* weights (timings depend on the
-architecture, not the weights; no checkpoint download):
+baseline, ``backends.models.sam.loader.build(model_type="vit_b", random_weights=True)``) and one
+model per transformers family, all real-size architectures with *random* weights (timings depend
+on the architecture, not the weights; no checkpoint download):
 
-* ``sam-hf-vit-b`` / ``sam-hq-vit-b``: segment-anything's ViT-B sizes (``VIT_CONFIGS``);
+* ``sam-hf-vit-b`` / ``sam-hq-vit-b``: segment-anything's ViT-B sizes (``sizes.SAM_VIT_SIZES``);
 * ``sam2.1-hiera-tiny``: ``Sam2Config()``'s defaults, which are the official Hiera-T config;
 * ``edgetam``: ``EdgeTamConfig`` with the RepViT-M1 backbone spelled out (``EDGETAM_BACKBONE``:
   transformers 5.23's default misspells it and would build a ResNet-50), the official EdgeTAM.
@@ -64,12 +64,7 @@ class _Subject:
         self.encode_times = [self.encode() for _ in range(repeat)]
         _, self.state = segmenter.decode(image, self.embedding, first, None)
         self.click()  # warm-up
-        nbytes = getattr(self.embedding, "nbytes", None)
-        if not isinstance(nbytes, int):
-            nbytes = int(
-                self.embedding.features.element_size() * self.embedding.features.nelement()
-            )
-        self.nbytes = float(nbytes)
+        self.nbytes = float(self.embedding.nbytes)
 
     def encode(self) -> float:
         start = time.perf_counter()
@@ -116,7 +111,7 @@ def _run(models: tuple[str, ...]) -> list[BenchRow]:
 
     from backends.errors import ModelLoadError
     from backends.models import hf
-    from backends.models.sam import build as build_sam
+    from backends.models.sam.loader import build as build_sam
 
     torch.manual_seed(0)
     image = _image()
@@ -139,9 +134,9 @@ def _run(models: tuple[str, ...]) -> list[BenchRow]:
             continue
         _redraw(segmenter.model)
         if name == "edgetam":  # fuse after the redraw, as serving fuses the loaded weights
-            from backends.models.hf.sam2_family import optimize_edgetam
+            from backends.models.hf.families import optimize_edgetam
 
-            segmenter.channels_last = optimize_edgetam(segmenter.model)
+            segmenter.backbone.channels_last = optimize_edgetam(segmenter.model)
         repeat = 3 if name in SMALL_ENCODERS else 1
         subject = _Subject(segmenter, image, repeat)
         sam_click, click = _interleaved_clicks(sam, subject)

@@ -37,7 +37,7 @@ def _image(height: int = 1080, width: int = 1920, seed: int = 0) -> np.ndarray:
 def run() -> list[BenchRow]:
     import torch
 
-    from backends.models.sam import build
+    from backends.models.sam.loader import build
 
     torch.manual_seed(0)
     segmenter = build("sam-vit_b", model_type="vit_b", random_weights=True, device="cpu")

@@ -1,10 +1,11 @@
-"""The one small surface every model family implements, in the spirit of ``SamPredictor``.
+"""What a model family implements: the ``Segmenter`` protocol, in the spirit of ``SamPredictor``,
+and the optional capabilities the Engine uses when a model has them. A new family reads this file.
 
 A model splits its work in two, so the Engine can cache the expensive half:
 
 * ``encode(image)`` runs once per image and returns an opaque *embedding* (SAM: the image
   encoder's output; GrabCut and RITM: ``None``, they have no separable encoder). The Engine caches
-  it by (model, image sha256) and accounts its bytes.
+  it by (model, image sha256) and accounts its bytes (an ``nbytes`` attribute, else an estimate).
 * ``decode(image, embedding, prompt, state)`` turns the clicks into a mask. ``state`` is what the
   same model returned for the same image and the same prompt minus its last click (SAM: the best
   low-resolution logits; RITM: the previous probability map and zoom-in ROI), or ``None`` for a
@@ -14,6 +15,16 @@ A model splits its work in two, so the Engine can cache the expensive half:
 (SAM, RITM): then a missing state is rebuilt by decoding every earlier prefix in order, so the
 result never depends on what happened to be cached. Models whose answer is a function of the
 current prompt alone (GrabCut, which only uses the state to speed up refinement) say ``False``.
+
+Optional, each detected by the Engine with ``isinstance`` (the methods' presence) or
+``accepts_box``:
+
+* ``SharesEmbeddings``: the embedding to and from bytes, so workers share it through the Engine's
+  shared tier (Redis) instead of each encoding the same image;
+* ``ExportsEmbedding``: the raw image embedding as a numpy array (CVAT's stock SAM plugin decodes
+  SAM's ``[1, 256, 64, 64]`` embedding in the browser);
+* ``accepts_box``: a class attribute, ``False`` for a model that cannot take a box without clicks
+  (RITM): the Engine then starts replaying a history at its first click. Default ``True``.
 """
 
 from __future__ import annotations
@@ -39,3 +50,27 @@ class Segmenter(Protocol):
     ) -> tuple[Segmentation, Any]:
         """Per-click work: the mask for ``prompt`` and the state to continue from."""
         ...
+
+
+@runtime_checkable
+class SharesEmbeddings(Protocol):
+    """A model whose embeddings can cross processes. The bytes may be lossy (SAM: fp16) but
+    must round-trip to an embedding this model decodes; a foreign, truncated or other-size
+    entry must raise (any exception: the Engine then counts a miss and encodes)."""
+
+    def embedding_to_bytes(self, embedding: Any) -> bytes: ...
+
+    def embedding_from_bytes(self, data: bytes) -> Any: ...
+
+
+@runtime_checkable
+class ExportsEmbedding(Protocol):
+    """A model whose embedding has a raw array form tools consume."""
+
+    def export_embedding(self, embedding: Any) -> np.ndarray: ...
+
+
+def accepts_box(model: Segmenter) -> bool:
+    """Whether a box with no clicks is a prompt ``model`` decodes: its ``accepts_box`` class
+    attribute, True for models that do not declare one."""
+    return bool(getattr(model, "accepts_box", True))

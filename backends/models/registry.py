@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from backends.errors import ModelLoadError, ModelNotFound
 from backends.models.base import Segmenter
+from backends.models.sizes import SAM_VIT_SIZES
 
 Factory = Callable[..., Segmenter]
 
@@ -68,11 +69,11 @@ register(
         "OpenCV GrabCut: weights-free, CPU only",
     )
 )
-for _variant in ("vit_b", "vit_l", "vit_h"):
+for _variant in SAM_VIT_SIZES:
     register(
         ModelSpec(
             f"sam-{_variant}",
-            "backends.models.sam:build",
+            "backends.models.sam.loader:build",
             f"Segment Anything {_variant.replace('_', '-').upper()} (segment-anything checkpoint)",
             extra="sam",
             kwargs=(("model_type", _variant),),
@@ -81,7 +82,7 @@ for _variant in ("vit_b", "vit_l", "vit_h"):
 register(
     ModelSpec(
         "sam",
-        "backends.models.sam:build",
+        "backends.models.sam.loader:build",
         "Segment Anything, variant read from the checkpoint (SAM_CHECKPOINT)",
         extra="sam",
     )

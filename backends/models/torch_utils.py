@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from backends.errors import ImageError
+from backends.errors import ImageError, ModelLoadError
 
 
 def auto_device(device: str | torch.device | None) -> torch.device:
@@ -29,33 +31,49 @@ def rgb(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(image[:, :, :3])
 
 
-#: Encoder sizes of the official segment-anything checkpoints (as in
-#: ``segment_anything.build_sam``), shared by the segment-anything loader and the HF converter.
-SAM_VIT_ARCHITECTURES: dict[str, dict[str, Any]] = {
-    "vit_b": {
-        "encoder_embed_dim": 768,
-        "encoder_depth": 12,
-        "encoder_num_heads": 12,
-        "encoder_global_attn_indexes": (2, 5, 8, 11),
-    },
-    "vit_l": {
-        "encoder_embed_dim": 1024,
-        "encoder_depth": 24,
-        "encoder_num_heads": 16,
-        "encoder_global_attn_indexes": (5, 11, 17, 23),
-    },
-    "vit_h": {
-        "encoder_embed_dim": 1280,
-        "encoder_depth": 32,
-        "encoder_num_heads": 16,
-        "encoder_global_attn_indexes": (7, 15, 23, 31),
-    },
-}
+def first_few(items: Sequence[str], n: int = 5) -> str:
+    """The first ``n`` items, comma-separated, and how many there are when that is not all."""
+    shown = ", ".join(items[:n])
+    return shown + (f", … ({len(items)} in all)" if len(items) > n else "")
 
 
-def check_embedding_matches(image: np.ndarray, original_size: tuple[int, int]) -> None:
-    """Refuse to decode an image against an embedding made for another image size."""
-    if tuple(np.shape(image)[:2]) != tuple(original_size):
-        raise ValueError(
-            f"image is {np.shape(image)[:2]}, the embedding was made for {tuple(original_size)}"
+def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Read a plain state dict (segment-anything's ``.pth`` files) onto the CPU, refusing pickled
+    code (``weights_only=True``) and anything that is not a mapping of names to tensors."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ModelLoadError(f"SAM checkpoint {path} does not exist") from None
+    except Exception as exc:  # torch raises many types for bad files (UnpicklingError, IndexError…)
+        raise ModelLoadError(
+            f"cannot load SAM checkpoint {path}: {exc}".strip()
+            + " (only plain tensor state dicts are accepted; weights_only=True)"
+        ) from exc
+    if not isinstance(state, Mapping) or not all(
+        isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in state.items()
+    ):
+        raise ModelLoadError(
+            f"SAM checkpoint {path} is not a state dict of tensors (got {type(state).__name__})"
         )
+    return dict(state)
+
+
+def state_dict_mismatches(
+    expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor]
+) -> list[str]:
+    """What keeps ``given`` from loading strictly into a model whose state dict is ``expected``:
+    missing, unexpected and mis-shaped keys, one message part each (empty: it loads)."""
+    missing = [key for key in expected if key not in given]
+    unexpected = [key for key in given if key not in expected]
+    mismatched = [
+        f"{key} {tuple(given[key].shape)} vs {tuple(expected[key].shape)}"
+        for key in expected
+        if key in given and tuple(given[key].shape) != tuple(expected[key].shape)
+    ]
+    parts = (
+        ("missing keys", missing),
+        ("unexpected keys", unexpected),
+        ("shape mismatches (checkpoint vs model)", mismatched),
+    )
+    return [f"{what}: {first_few(keys)}" for what, keys in parts if keys]

@@ -24,10 +24,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from backends.errors import ModelLoadError, ModelNotFound
+from backends.models.sizes import EDGETAM_FINGERPRINT, HIERA_SIZES, SAM_VIT_SIZES
 from backends.weights import models_dir
 
 if TYPE_CHECKING:
-    from backends.models.hf.common import HfSegmenter
+    from backends.models.sam.core import SamSegmenter
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,6 @@ class Family:
     model_class: str  # transformers class name
     model_types: tuple[str, ...]  # accepted ``config.json`` model_type values
     env: str  # directory override for every model of the family
-    module: str  # backends.models.hf.<module> builds its segmenter
 
 
 @dataclass(frozen=True)
@@ -53,58 +53,31 @@ class HfModel:
     #: ``config.json`` values that identify this size: dotted path -> expected value. A directory
     #: of another size is refused (``check_variant=False`` turns the check off, for tests).
     fingerprint: Mapping[str, Any] = field(default_factory=dict)
-    variant: str = ""  # "vit_b", "tiny"… (default configs for random_weights builds)
+    variant: str = ""  # key of ``backends.models.sizes``' tables: "vit_b", "tiny"…
 
 
-SAM = Family(
-    "sam", "SAM (Hugging Face format)", "SamModel", ("sam",), "SAM_HF_MODEL_DIR", "sam_family"
-)
-SAM_HQ = Family("sam_hq", "HQ-SAM", "SamHQModel", ("sam_hq",), "SAM_HQ_MODEL_DIR", "sam_family")
-SAM2 = Family(
-    "sam2", "SAM 2.1", "Sam2Model", ("sam2", "sam2_video"), "SAM2_MODEL_DIR", "sam2_family"
-)
+SAM = Family("sam", "SAM (Hugging Face format)", "SamModel", ("sam",), "SAM_HF_MODEL_DIR")
+SAM_HQ = Family("sam_hq", "HQ-SAM", "SamHQModel", ("sam_hq",), "SAM_HQ_MODEL_DIR")
+SAM2 = Family("sam2", "SAM 2.1", "Sam2Model", ("sam2", "sam2_video"), "SAM2_MODEL_DIR")
 EDGETAM = Family(
-    "edgetam",
-    "EdgeTAM",
-    "EdgeTamModel",
-    ("edgetam", "edgetam_video"),
-    "EDGETAM_MODEL_DIR",
-    "sam2_family",
+    "edgetam", "EdgeTAM", "EdgeTamModel", ("edgetam", "edgetam_video"), "EDGETAM_MODEL_DIR"
 )
 FAMILIES = {family.key: family for family in (SAM, SAM_HQ, SAM2, EDGETAM)}
 
-_VIT = {  # SAM ViT encoder sizes: (width, depth)
-    "vit_b": (768, 12),
-    "vit_l": (1024, 24),
-    "vit_h": (1280, 32),
-}
+#: The word for each SAM ViT size in the hub repositories' names.
 _VIT_NAMES = {"vit_b": "base", "vit_l": "large", "vit_h": "huge"}
-_HIERA = {  # SAM 2.1 Hiera sizes: (embed dim, blocks per stage), as in the official configs
-    "tiny": (96, [1, 2, 7, 2]),
-    "small": (96, [1, 2, 11, 2]),
-    "base-plus": (112, [2, 3, 16, 3]),
-    "large": (144, [2, 6, 36, 4]),
-}
 
 
 def _sam_models() -> dict[str, HfModel]:
     table: dict[str, HfModel] = {}
-    for size, (hiera_dim, blocks) in _HIERA.items():
+    for size, hiera in HIERA_SIZES.items():
         name = f"sam2.1-hiera-{size}"
-        table[name] = HfModel(
-            name,
-            SAM2,
-            f"facebook/sam2.1-hiera-{size}",
-            f"SAM 2.1 Hiera-{size.upper() if size != 'base-plus' else 'B+'} (transformers)",
-            {
-                "vision_config.backbone_config.hidden_size": hiera_dim,
-                "vision_config.backbone_config.blocks_per_stage": blocks,
-            },
-            size,
-        )
-    for variant, (width, depth) in _VIT.items():
-        short = variant[-1]
-        fingerprint = {"vision_config.hidden_size": width, "vision_config.num_hidden_layers": depth}
+        label = size.upper() if size != "base-plus" else "B+"
+        description = f"SAM 2.1 Hiera-{label} (transformers)"
+        repo = f"facebook/sam2.1-hiera-{size}"
+        table[name] = HfModel(name, SAM2, repo, description, hiera.hf_fingerprint(), size)
+    for variant, vit in SAM_VIT_SIZES.items():
+        short, fingerprint = variant[-1], vit.hf_fingerprint()
         table[f"sam-hq-vit-{short}"] = HfModel(
             f"sam-hq-vit-{short}",
             SAM_HQ,
@@ -126,10 +99,7 @@ def _sam_models() -> dict[str, HfModel]:
         EDGETAM,
         "yonigozlan/EdgeTAM-hf",
         "EdgeTAM: RepViT-M1 SAM 2 for the edge (transformers; needs timm)",
-        {
-            "vision_config.backbone_channel_list": [384, 192, 96, 48],
-            "vision_config.fpn_hidden_size": 256,
-        },
+        EDGETAM_FINGERPRINT,
         "edgetam",
     )
     return table
@@ -179,28 +149,25 @@ def build(
     checkpoint: str | os.PathLike[str] | None = None,
     device: Any = None,
     **options: Any,
-) -> HfSegmenter:
+) -> SamSegmenter:
     """Registry factory for every name in ``MODELS``.
 
     ``checkpoint``: the model directory (see the module docstring for the default).
     Options: ``autocast`` (bf16 for the image encoder on CUDA; default on where supported),
     ``check_variant`` (refuse a directory of another size; default True),
     ``random_weights=True`` (the official architecture, untrained, no file read: benchmarks),
-    ``hq_token_only`` (HQ-SAM: the HQ mask alone instead of SAM + HQ; default False),
-    ``fuse_backbone`` (EdgeTAM: fuse the RepViT backbone for inference, run it channels-last;
-    default True).
+    ``hq_token_only`` (HQ-SAM: the HQ mask alone instead of SAM + HQ; default False; the SAM
+    names take it and ignore it), ``fuse_backbone`` (EdgeTAM: fuse the RepViT backbone for
+    inference, run it channels-last; default True; the SAM 2.1 names take it and ignore it).
     """
-    import importlib
-
     info = model_info(name)
     try:
-        module = importlib.import_module(f"backends.models.hf.{info.family.module}")
+        from backends.models.hf.families import build as build_family_model
     except ImportError as exc:
         raise ModelLoadError(
             f"model {name!r} needs {exc.name or exc} (pip install 'tapmask[hf]')"
         ) from exc
-    factory: Callable[..., HfSegmenter] = module.build
-    return factory(info, checkpoint=checkpoint, device=device, **options)
+    return build_family_model(info, checkpoint=checkpoint, device=device, **options)
 
 
 def download(

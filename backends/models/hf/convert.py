@@ -26,11 +26,8 @@ from typing import Any
 import torch
 
 from backends.errors import ModelLoadError
-from backends.models.torch_utils import SAM_VIT_ARCHITECTURES
-
-#: segment-anything ViT sizes (one table, shared with ``backends.models.sam``).
-OFFICIAL_ARCHITECTURES = SAM_VIT_ARCHITECTURES
-_PATCH_EMBED_KEY = "image_encoder.patch_embed.proj.weight"
+from backends.models.sizes import SAM_VIT_SIZES, SamArchitecture, sam_variant
+from backends.models.torch_utils import load_state_dict_file, state_dict_mismatches
 
 #: Plain substring renames, applied in order to every key.
 _RENAMES: tuple[tuple[str, str], ...] = (
@@ -56,44 +53,6 @@ _RENAMES: tuple[tuple[str, str], ...] = (
 _MLP = re.compile(r"^(.*\.(?:output_hypernetworks_mlps\.\d+|iou_prediction_head))\.layers\.(\d+)\.")
 _SHARED_PE = "shared_image_embedding.positional_embedding"
 _PROMPT_PE = "prompt_encoder.shared_embedding.positional_embedding"
-
-
-def sam_config(architecture: Mapping[str, Any]) -> Any:
-    """A transformers ``SamConfig`` for ``build_sam_from_config``-style sizes."""
-    from transformers import SamConfig
-
-    arch = dict(architecture)
-    prompt_dim = int(arch.get("prompt_embed_dim", 256))
-    image_size = int(arch.get("image_size", 1024))
-    patch_size = int(arch.get("patch_size", 16))
-    return SamConfig(
-        vision_config={
-            "hidden_size": int(arch["encoder_embed_dim"]),
-            "num_hidden_layers": int(arch["encoder_depth"]),
-            "num_attention_heads": int(arch["encoder_num_heads"]),
-            "global_attn_indexes": [int(i) for i in arch["encoder_global_attn_indexes"]],
-            "image_size": image_size,
-            "patch_size": patch_size,
-            "window_size": int(arch.get("window_size", 14)),
-            "output_channels": prompt_dim,
-            "num_pos_feats": prompt_dim // 2,
-        },
-        prompt_encoder_config={
-            "hidden_size": prompt_dim,
-            "image_size": image_size,
-            "patch_size": patch_size,
-            "mask_input_channels": int(arch.get("mask_in_chans", 16)),
-        },
-        mask_decoder_config={
-            "hidden_size": prompt_dim,
-            "num_hidden_layers": int(arch.get("decoder_depth", 2)),
-            "mlp_dim": int(arch.get("decoder_mlp_dim", 2048)),
-            "num_attention_heads": int(arch.get("decoder_num_heads", 8)),
-            "iou_head_depth": int(arch.get("iou_head_depth", 3)),
-            "iou_head_hidden_dim": int(arch.get("iou_head_hidden_dim", 256)),
-            "num_multimask_outputs": int(arch.get("num_multimask_outputs", 3)),
-        },
-    )
 
 
 def convert_key(key: str, mlp_depths: Mapping[str, int]) -> str:
@@ -135,83 +94,33 @@ def _rename_only(key: str) -> str:
     return key
 
 
-def infer_architecture(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
-    weight = state_dict.get(_PATCH_EMBED_KEY)
-    if weight is None or len(getattr(weight, "shape", ())) != 4:
-        raise ModelLoadError(
-            f"cannot tell the SAM variant: no {_PATCH_EMBED_KEY!r} tensor "
-            "(is it a segment-anything checkpoint?)"
-        )
-    width = int(weight.shape[0])
-    for arch in OFFICIAL_ARCHITECTURES.values():
-        if arch["encoder_embed_dim"] == width:
-            return dict(arch)
-    raise ModelLoadError(
-        f"cannot tell the SAM variant: image-encoder width {width} is none of 768/1024/1280 "
-        "(vit_b/vit_l/vit_h); pass architecture=... for other sizes"
-    )
-
-
-def _load_pth(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ModelLoadError(f"SAM checkpoint {path} does not exist") from None
-    except Exception as exc:
-        raise ModelLoadError(
-            f"cannot load SAM checkpoint {path}: {exc} (only plain tensor state dicts; "
-            "weights_only=True)"
-        ) from exc
-    if not isinstance(state, Mapping) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
-    ):
-        raise ModelLoadError(f"SAM checkpoint {path} is not a state dict of tensors")
-    return dict(state)
-
-
 def convert_sam_checkpoint(
     src: str | os.PathLike[str],
     dst: str | os.PathLike[str],
     *,
-    architecture: Mapping[str, Any] | None = None,
+    architecture: SamArchitecture | Mapping[str, Any] | None = None,
 ) -> Path:
     """Convert a segment-anything state dict file into a ``SamModel`` directory ``dst``
     (``config.json``, ``model.safetensors``, processor configs) and return ``dst``.
 
-    ``architecture``: ``build_sam_from_config`` sizes for a non-official model (tests); by
-    default vit_b / vit_l / vit_h is read from the patch embedding's width.
+    ``architecture``: ``SamArchitecture`` sizes for a non-official model (tests); by default
+    vit_b / vit_l / vit_h is read from the patch embedding's width.
     """
-    from transformers import SamImageProcessor, SamModel, SamProcessor
+    from transformers import SamConfig, SamImageProcessor, SamModel, SamProcessor
 
     src_path, dst_path = Path(src).expanduser(), Path(dst).expanduser()
-    state = _load_pth(src_path)
-    arch = dict(architecture) if architecture is not None else infer_architecture(state)
-    try:
-        config = sam_config(arch)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ModelLoadError(f"bad SAM architecture {arch!r}: {exc}") from exc
-    converted = convert_state_dict(state)
-    model = SamModel(config).eval()
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(converted))
-    unexpected = sorted(set(converted) - set(expected))
-    mismatched = sorted(
-        f"{k} {tuple(converted[k].shape)} vs {tuple(expected[k].shape)}"
-        for k in set(expected) & set(converted)
-        if tuple(converted[k].shape) != tuple(expected[k].shape)
+    state = load_state_dict_file(src_path)
+    arch = (
+        SamArchitecture.of(architecture)
+        if architecture is not None
+        else SAM_VIT_SIZES[sam_variant(state)]
     )
-    problems = [
-        f"{what}: {', '.join(items[:5])}{' …' if len(items) > 5 else ''}"
-        for what, items in (
-            ("missing keys", missing),
-            ("unexpected keys", unexpected),
-            ("shape mismatches", mismatched),
-        )
-        if items
-    ]
+    converted = convert_state_dict(state)
+    model = SamModel(SamConfig(**arch.hf_config())).eval()
+    problems = state_dict_mismatches(model.state_dict(), converted)
     if problems:
         raise ModelLoadError(
-            f"{src_path} does not convert to the SamModel of {arch!r}: " + "; ".join(problems)
+            f"{src_path} does not convert to the SamModel of {arch}: " + "; ".join(problems)
         )
     model.load_state_dict(converted, strict=True)
     dst_path.mkdir(parents=True, exist_ok=True)

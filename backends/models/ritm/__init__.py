@@ -36,7 +36,6 @@ __all__ = [
     "RitmState",
     "ZoomParams",
     "build",
-    "default_models_dir",
     "resolve_checkpoint",
 ]
 
@@ -45,11 +44,6 @@ log = logging.getLogger(__name__)
 DEFAULT_CHECKPOINT = "coco_lvis_h18_itermask.pth"
 #: Expected (width, small) of the registry variants, to warn when a checkpoint does not match.
 VARIANTS = {"h18": (18, False), "h18s": (18, True), "h32": (32, False)}
-
-
-def default_models_dir() -> Path:
-    """``$TAPMASK_MODELS_DIR``, else ``~/.cache/tapmask/models`` (shared with the other models)."""
-    return models_dir()
 
 
 def resolve_checkpoint(
@@ -61,7 +55,7 @@ def resolve_checkpoint(
     env = os.environ.get("RITM_CHECKPOINT")
     if env:
         return Path(env).expanduser()
-    return default_models_dir() / default_checkpoint
+    return models_dir() / default_checkpoint
 
 
 def build(

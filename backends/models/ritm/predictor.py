@@ -58,11 +58,17 @@ class ZoomParams:
     """Official ``ZoomIn`` parameters (``evaluate_model.py`` cvpr mode uses target_size=400)."""
 
     target_size: int = 400
+    """Longer side of the zoomed crop the network sees (small ROIs are enlarged to it)."""
     skip_clicks: int = 1
+    """Clicks that see the full image before zooming in starts."""
     expansion_ratio: float = 1.4
+    """Growth of the object's bounding box (and the clicks) into the ROI."""
     min_crop_size: int = 200
+    """Smallest ROI side, in image pixels."""
     recompute_thresh_iou: float = 0.5
+    """A held ROI is replaced when its IoU with the new candidate falls below this."""
     prob_thresh: float = 0.5
+    """Previous-probability threshold that defines the object for the ROI."""
 
 
 @dataclass
