@@ -29,7 +29,7 @@ import numpy as np
 
 from backends import images
 from backends.cache import LRUCache, nbytes
-from backends.errors import ModelNotFound, TapmaskError, UnknownImage
+from backends.errors import ModelNotFound, UnknownImage, Unsupported
 from backends.models import registry
 from backends.models.base import ExportsEmbedding, Segmenter, SharesEmbeddings, accepts_box
 from backends.prompts import Prompt, Segmentation
@@ -202,7 +202,7 @@ class Engine:
         """The model's raw image embedding as a numpy array (CVAT's stock SAM plugin needs it)."""
         model = self.model(name)
         if not isinstance(model, ExportsEmbedding):
-            raise TapmaskError(f"model {name!r} has no exportable image embedding")
+            raise Unsupported(f"model {name!r} has no exportable image embedding")
         key, array = self.image(image)
         with self._locks[name]:
             embedding = self._embedding(name, model, key, array)
