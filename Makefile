@@ -5,7 +5,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-MODEL ?= grabcut
+# The model to serve: TAPMASK_MODEL (the setting every tapmask process reads), else grabcut.
+MODEL ?= $(or $(TAPMASK_MODEL),grabcut)
 HOST ?= 0.0.0.0
 PORT ?= 9090
 # The pip extra a model family needs: the GrabCut default needs none (no torch download).

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -53,9 +53,17 @@ class CacheStats:
 class LRUCache(Generic[V]):
     """An LRU mapping bounded by total bytes (an entry larger than the bound is not kept)."""
 
-    def __init__(self, max_bytes: int, name: str = "cache") -> None:
+    def __init__(
+        self,
+        max_bytes: int,
+        name: str = "cache",
+        on_evict: Callable[[Hashable, V], None] | None = None,
+    ) -> None:
+        """``on_evict(key, value)`` is called, outside the lock, for each entry pushed out by
+        the byte bound (not for ``pop``/``clear``): a second tier can take it."""
         self.max_bytes = int(max_bytes)
         self.name = name
+        self.on_evict = on_evict
         self._items: OrderedDict[Hashable, tuple[V, int]] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
@@ -77,6 +85,7 @@ class LRUCache(Generic[V]):
 
     def put(self, key: Hashable, value: V, size: int | None = None) -> None:
         size = nbytes(value) if size is None else int(size)
+        evicted: list[tuple[Hashable, V]] = []
         with self._lock:
             old = self._items.pop(key, None)
             if old is not None:
@@ -87,10 +96,14 @@ class LRUCache(Generic[V]):
             self._items[key] = (value, size)
             self._bytes += size
             while self._bytes > self.max_bytes:
-                _, (_, evicted_size) = self._items.popitem(last=False)
+                evicted_key, (evicted_value, evicted_size) = self._items.popitem(last=False)
                 self._bytes -= evicted_size
                 self.stats.evictions += 1
+                evicted.append((evicted_key, evicted_value))
             self._update_stats()
+        if self.on_evict is not None:
+            for evicted_key, evicted_value in evicted:
+                self.on_evict(evicted_key, evicted_value)
 
     def pop(self, key: Hashable) -> V | None:
         with self._lock:
@@ -100,6 +113,11 @@ class LRUCache(Generic[V]):
             self._bytes -= item[1]
             self._update_stats()
             return item[0]
+
+    def snapshot_keys(self) -> list[Hashable]:
+        """The keys, least recently used first (a snapshot)."""
+        with self._lock:
+            return list(self._items)
 
     def clear(self) -> None:
         with self._lock:

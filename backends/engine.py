@@ -23,15 +23,16 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
 from backends import images
-from backends.cache import LRUCache, nbytes
+from backends.cache import LRUCache
+from backends.embedding_cache import EmbeddingCache, SharedEmbeddings, guard_device_memory
 from backends.errors import ModelNotFound, UnknownImage, Unsupported
 from backends.models import registry
-from backends.models.base import ExportsEmbedding, Segmenter, SharesEmbeddings, accepts_box
+from backends.models.base import ExportsEmbedding, Segmenter, accepts_box
 from backends.prompts import Prompt, Segmentation
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,10 @@ class EngineConfig:
     embedding_cache_bytes: int = field(
         default_factory=lambda: _env_mib("TAPMASK_EMBEDDING_CACHE_MB", 2048)
     )
+    #: Host memory that embeddings evicted from the device tier move to (0: dropped instead).
+    embedding_spill_bytes: int = field(
+        default_factory=lambda: _env_mib("TAPMASK_EMBEDDING_SPILL_MB", 0)
+    )
     state_cache_bytes: int = field(default_factory=lambda: _env_mib("TAPMASK_STATE_CACHE_MB", 512))
     image_cache_bytes: int = field(default_factory=lambda: _env_mib("TAPMASK_IMAGE_CACHE_MB", 1024))
 
@@ -60,18 +65,9 @@ class EngineStats:
     decode_seconds: float = 0.0
     state_hits: int = 0
     shared_hits: int = 0  # embeddings taken from the shared tier instead of encoding
-
-
-class SharedEmbeddings(Protocol):
-    """A second-tier embedding cache shared between processes (e.g. ``RedisEmbeddingStore``).
-
-    It stores bytes; a model opts in by implementing ``backends.models.base.SharesEmbeddings``.
-    Implementations must not raise for a lookup or store that fails (report a miss instead).
-    """
-
-    def get(self, model: str, image_key: str) -> bytes | None: ...
-
-    def put(self, model: str, image_key: str, data: bytes) -> None: ...
+    batched_encodes: int = 0  # images encoded in one pass together with others
+    spill_hits: int = 0  # embeddings moved back from host memory instead of encoding
+    out_of_memory: int = 0  # device out-of-memory errors answered with 503
 
 
 ImageRef = bytes | str  # file bytes, or the sha256 of bytes the Engine has already seen
@@ -91,12 +87,18 @@ class Engine:
         self._models: dict[str, Segmenter] = {}
         self._locks: dict[str, threading.Lock] = {}
         self._registry_lock = threading.Lock()
+        self.stats = EngineStats()
         self.images: LRUCache[np.ndarray] = LRUCache(self.config.image_cache_bytes, "images")
-        self.embeddings: LRUCache[Any] = LRUCache(self.config.embedding_cache_bytes, "embeddings")
+        self.embedding_cache = EmbeddingCache(
+            self.stats,
+            self.config.embedding_cache_bytes,
+            self.config.embedding_spill_bytes,
+            shared_embeddings,
+        )
+        self.embeddings = self.embedding_cache.device  # the device tier (tests, metrics)
         self.states: LRUCache[tuple[Segmentation, Any]] = LRUCache(
             self.config.state_cache_bytes, "states"
         )
-        self.stats = EngineStats()
         for name, model in (models or {}).items():
             self.add_model(name, model)
 
@@ -150,45 +152,11 @@ class Engine:
     # -- embeddings ------------------------------------------------------------------------
     def _embedding(self, name: str, model: Segmenter, key: str, image: np.ndarray) -> Any:
         """Caller holds the model lock, so a concurrent first click waits and then hits."""
-        cache_key = (name, key)
-        if cache_key in self.embeddings:
-            return self.embeddings.get(cache_key)
-        embedding = self._shared_embedding(name, model, key)
-        if embedding is None:
-            started = time.perf_counter()
-            embedding = model.encode(image)
-            self.stats.encodes += 1
-            self.stats.encode_seconds += time.perf_counter() - started
-            self._share_embedding(name, model, key, embedding)
-        self.embeddings.put(cache_key, embedding, nbytes(embedding))
-        return embedding
+        return self.embedding_cache.get_or_encode(name, model, key, image)
 
-    def _shared_embedding(self, name: str, model: Segmenter, key: str) -> Any:
-        """The embedding from the shared tier, or None (no tier, model opts out, miss, error)."""
-        if self.shared_embeddings is None or not isinstance(model, SharesEmbeddings):
-            return None
-        try:
-            data = self.shared_embeddings.get(name, key)
-            if data is None:
-                return None
-            embedding = model.embedding_from_bytes(data)
-        except Exception:  # a corrupt or foreign entry is a miss, never a failed click
-            log.warning("unusable shared embedding for %s/%s", name, key[:12], exc_info=True)
-            return None
-        self.stats.shared_hits += 1
-        return embedding
-
-    def _share_embedding(self, name: str, model: Segmenter, key: str, embedding: Any) -> None:
-        if (
-            self.shared_embeddings is None
-            or not isinstance(model, SharesEmbeddings)
-            or embedding is None
-        ):
-            return
-        try:
-            self.shared_embeddings.put(name, key, model.embedding_to_bytes(embedding))
-        except Exception:
-            log.warning("could not share the embedding of %s/%s", name, key[:12], exc_info=True)
+    def has_embedding(self, name: str, image_key: str) -> bool:
+        """Whether a click on this image would be a decode only (device or host tier)."""
+        return (name, image_key) in self.embedding_cache
 
     def prefetch(self, name: str, image: ImageRef) -> str:
         """Compute and cache the image's embedding ahead of the first click."""
@@ -197,6 +165,14 @@ class Engine:
         with self._locks[name]:
             self._embedding(name, model, key, array)
         return key
+
+    def prefetch_many(self, name: str, refs: list[ImageRef], max_batch: int = 8) -> int:
+        """Encode the images no tier holds yet, up to ``max_batch`` per batched pass (a worker
+        that sees several first clicks or prefetches waiting); returns how many it encoded."""
+        model = self.model(name)
+        items = [self.image(ref) for ref in refs]
+        with self._locks[name]:
+            return self.embedding_cache.encode_many(name, model, items, max_batch)
 
     def export_embedding(self, name: str, image: ImageRef) -> np.ndarray:
         """The model's raw image embedding as a numpy array (CVAT's stock SAM plugin needs it)."""
@@ -264,7 +240,8 @@ class Engine:
         self, model: Segmenter, image: np.ndarray, embedding: Any, prompt: Prompt, state: Any
     ) -> tuple[Segmentation, Any]:
         started = time.perf_counter()
-        result, new_state = model.decode(image, embedding, prompt, state)
+        with guard_device_memory(self.embedding_cache, model, "decoding a click"):
+            result, new_state = model.decode(image, embedding, prompt, state)
         self.stats.decodes += 1
         self.stats.decode_seconds += time.perf_counter() - started
         if not result.model:

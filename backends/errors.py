@@ -127,6 +127,10 @@ class Unavailable(TapmaskError, RuntimeError, status=503, code="unavailable"):
     """No worker or backing service can take the request right now."""
 
 
+class DeviceOutOfMemory(Unavailable, status=503, code="device_out_of_memory"):
+    """The GPU ran out of memory during this request; the worker freed its caches and serves on."""
+
+
 class Timeout(TapmaskError, TimeoutError, status=504, code="timeout"):
     """The request was accepted but no result came back in time."""
 

@@ -707,3 +707,24 @@ def test_default_configs_are_the_official_ones():
     assert list(edgetam.vision_config.backbone_channel_list) == list(
         EdgeTamConfig().vision_config.backbone_channel_list
     )
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_a_batched_encode_equals_encoding_one_by_one(name, segmenters, image):
+    """A worker encodes the first clicks waiting in its queues in one pass: each image's
+    embedding (different sizes, so different input frames) is the one-by-one embedding, and a
+    click decodes to the same mask."""
+    segmenter = segmenters(name)
+    other = np.ascontiguousarray(np.rot90(image))[:150]  # another size and content
+    batched = segmenter.encode_batch([image, other, image])
+    for picture, embedding in zip([image, other, image], batched, strict=True):
+        alone = segmenter.encode(picture)
+        assert embedding.original_size == alone.original_size
+        assert embedding.input_size == alone.input_size
+        for got, want in zip(embedding.tensors, alone.tensors, strict=True):
+            assert got.shape == want.shape
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        prompt = Prompt((Click(60.0, 40.0),))
+        mask, _ = segmenter.decode(picture, embedding, prompt, None)
+        expected, _ = segmenter.decode(picture, alone, prompt, None)
+        assert (mask.mask == expected.mask).mean() > 0.999

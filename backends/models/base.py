@@ -23,6 +23,12 @@ Optional, each detected by the Engine with ``isinstance`` (the methods' presence
   shared tier (Redis) instead of each encoding the same image;
 * ``ExportsEmbedding``: the raw image embedding as a numpy array (CVAT's stock SAM plugin decodes
   SAM's ``[1, 256, 64, 64]`` embedding in the browser);
+* ``EncodesBatches``: several images through the encoder in one pass (a GPU worker encodes the
+  images waiting in its queues together); results equal one-by-one encodes within float
+  tolerance;
+* ``MovesEmbeddings``: an embedding to host memory and back (the Engine's host spill tier keeps
+  what the device tier evicts);
+* ``ReleasesMemory``: return the device allocator's cached memory (after an out-of-memory);
 * ``accepts_box``: a class attribute, ``False`` for a model that cannot take a box without clicks
   (RITM): the Engine then starts replaying a history at its first click. Default ``True``.
 """
@@ -68,6 +74,29 @@ class ExportsEmbedding(Protocol):
     """A model whose embedding has a raw array form tools consume."""
 
     def export_embedding(self, embedding: Any) -> np.ndarray: ...
+
+
+@runtime_checkable
+class EncodesBatches(Protocol):
+    """A model that encodes several images in one pass (one embedding per image, in order)."""
+
+    def encode_batch(self, images: list[np.ndarray]) -> list[Any]: ...
+
+
+@runtime_checkable
+class MovesEmbeddings(Protocol):
+    """A model whose embeddings live on an accelerator and can wait in host memory."""
+
+    def embedding_to_host(self, embedding: Any) -> Any: ...
+
+    def embedding_to_device(self, embedding: Any) -> Any: ...
+
+
+@runtime_checkable
+class ReleasesMemory(Protocol):
+    """A model that can hand its device allocator's cached blocks back (after an OOM)."""
+
+    def release_memory(self) -> None: ...
 
 
 def accepts_box(model: Segmenter) -> bool:

@@ -135,7 +135,8 @@ class SamSegmenter:
             autocast = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
         self.autocast = bool(autocast) and self.device.type == "cuda"
         self._lock = threading.Lock()
-        self.encode_calls = 0  # image-encoder runs, for tests and metrics
+        self.encode_calls = 0  # images through the image encoder, for tests and metrics
+        self.encode_passes = 0  # encoder passes (a batched pass encodes several images)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -155,21 +156,56 @@ class SamSegmenter:
     # -- per image ---------------------------------------------------------------------------
 
     def encode(self, image: np.ndarray) -> SamEmbedding:
-        image = rgb(image)
+        return self.encode_batch([image])[0]
+
+    def encode_batch(self, images: list[np.ndarray]) -> list[SamEmbedding]:
+        """Several images through the image encoder in one pass (``EncodesBatches``).
+
+        Every backbone's input frame has one size (SAM pads to 1024×1024, SAM 2 resizes to
+        it), so the pixel values stack; each image's embedding is its slice of the output,
+        equal to a one-by-one encode within float tolerance.
+        """
+        images = [rgb(image) for image in images]
         autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16)
             if self.autocast
             else contextlib.nullcontext()
         )
         with torch.inference_mode():
-            pixel_values, input_size = self.backbone.preprocess(image)
-            pixel_values = pixel_values.to(self.device, torch.float32)  # keeps the memory format
+            prepared = [self.backbone.preprocess(image) for image in images]
+            # .to() keeps the memory format (EdgeTAM's backbone runs channels-last).
+            pixels = [values.to(self.device, torch.float32) for values, _ in prepared]
+            batch = pixels[0] if len(pixels) == 1 else _stack(pixels)
             with autocast:
-                tensors = self.backbone.image_embeddings(pixel_values)
-            tensors = tuple(t.float().contiguous() for t in tensors)
+                outputs = self.backbone.image_embeddings(batch)
+            outputs = tuple(t.float() for t in outputs)
         with self._lock:
-            self.encode_calls += 1
-        return SamEmbedding(tensors, (int(image.shape[0]), int(image.shape[1])), input_size)
+            self.encode_calls += len(images)
+            self.encode_passes += 1
+        return [
+            SamEmbedding(
+                tuple(t[index : index + 1].contiguous() for t in outputs),
+                (int(image.shape[0]), int(image.shape[1])),
+                input_size,
+            )
+            for index, (image, (_, input_size)) in enumerate(zip(images, prepared, strict=True))
+        ]
+
+    # -- memory (the Engine's host spill tier, out-of-memory recovery) ---------------------
+
+    def embedding_to_host(self, embedding: SamEmbedding) -> SamEmbedding:
+        if self.device.type == "cpu":
+            return embedding
+        tensors = tuple(t.to("cpu", non_blocking=False) for t in embedding.tensors)
+        return SamEmbedding(tensors, embedding.original_size, embedding.input_size)
+
+    def embedding_to_device(self, embedding: SamEmbedding) -> SamEmbedding:
+        tensors = tuple(t.to(self.device) for t in embedding.tensors)
+        return SamEmbedding(tensors, embedding.original_size, embedding.input_size)
+
+    def release_memory(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     # -- sharing between processes (the Engine's shared embedding tier) -----------------------
 
@@ -269,6 +305,14 @@ class SamSegmenter:
             kept = logits if clamp is None else logits.clamp(-clamp, clamp)
             new_state = kept.cpu().numpy().copy()
         return Segmentation(mask=mask, score=score, model=self.name), new_state
+
+
+def _stack(pixels: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate ``[1, C, H, W]`` pixel values along the batch, keeping channels-last."""
+    batch = torch.cat(pixels, dim=0)
+    if pixels[0].is_contiguous(memory_format=torch.channels_last) and not pixels[0].is_contiguous():
+        batch = batch.contiguous(memory_format=torch.channels_last)
+    return batch
 
 
 class ExportingSamSegmenter(SamSegmenter):
