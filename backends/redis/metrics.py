@@ -40,17 +40,19 @@ from __future__ import annotations
 
 import logging
 import math
+import socketserver
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import redis
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.exposition import start_http_server
+from prometheus_client.exposition import make_wsgi_app
 from prometheus_client.registry import Collector
 
 from backends.engine import Engine
@@ -266,6 +268,15 @@ def _device_memory() -> GaugeMetricFamily:
     return family
 
 
+class _Server(socketserver.ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # no line per scrape
+        pass
+
+
 class WorkerMetrics:
     """The registry of one worker process, fed by the worker after each job, read by Prometheus
     through ``serve``."""
@@ -341,8 +352,22 @@ class WorkerMetrics:
                 self.encode_seconds.labels(model).observe(each)
 
     def serve(self, port: int, host: str = "0.0.0.0") -> int:
-        """Serve ``GET /metrics`` (any path) on a daemon thread; returns the bound port."""
-        self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        """Serve ``GET /metrics`` (Prometheus) and ``GET /healthz`` (200 while the process
+        answers; never touches Redis: a liveness probe must not restart workers during a Redis
+        outage, which they survive) on a daemon thread; returns the bound port."""
+        metrics_app = make_wsgi_app(self.registry)
+
+        def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+            if environ.get("PATH_INFO") == "/healthz":
+                start_response("200 OK", [("Content-Type", "text/plain")])
+                return [b"ok\n"]
+            return metrics_app(environ, start_response)
+
+        self._server = make_server(host, port, app, _Server, handler_class=_QuietHandler)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="tapmask-metrics", daemon=True
+        )
+        self._thread.start()
         return int(self._server.server_address[1])
 
     def close(self) -> None:

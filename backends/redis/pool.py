@@ -91,6 +91,15 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
         64,
         "embeddings larger than this are not shared",
     )
+    timeout = os.environ.get("TAPMASK_JOB_TIMEOUT", "")
+    parser.add_argument(
+        "--job-timeout",
+        type=int,
+        default=int(float(timeout)) if timeout.strip() else None,
+        help="seconds any one job may run here, whatever its front end asked for: a worker "
+        "told to stop (SIGTERM) is done within it ($TAPMASK_JOB_TIMEOUT, the front ends' "
+        "setting; default: each job's own timeout)",
+    )
     parser.add_argument(
         "--queue-kinds",
         default=os.environ.get("TAPMASK_WORKER_QUEUE_KINDS", "interactive,batch"),

@@ -26,6 +26,7 @@ import contextlib
 import importlib
 import logging
 import os
+import signal
 import socket
 import sys
 import threading
@@ -79,6 +80,7 @@ class TapmaskWorker(SimpleWorker):
         heartbeat: float = 1.0,
         presence_ttl: float | None = None,
         metrics: WorkerMetrics | None = None,
+        max_job_seconds: int | None = None,
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("serializer", JSONSerializer)
@@ -97,6 +99,7 @@ class TapmaskWorker(SimpleWorker):
             started=time.time(),
         )
         self.metrics = metrics
+        self.max_job_seconds = max_job_seconds
         if metrics is not None:
             metrics.worker = self
         self.last_beat_ok: float | None = None  # when Redis last accepted our presence record
@@ -112,6 +115,9 @@ class TapmaskWorker(SimpleWorker):
     # -- lifecycle -----------------------------------------------------------------------------
     def bootstrap(self, *args: Any, **kwargs: Any) -> None:
         super().bootstrap(*args, **kwargs)
+        # rq installs its SIGTERM handler only after bootstrap; take it over before our
+        # presence appears, so a drain from then on is always rq's warm shutdown.
+        self._install_signal_handlers()
         self.info.state = "idle"
         self._beat()
         self._beat_stop.clear()
@@ -121,19 +127,28 @@ class TapmaskWorker(SimpleWorker):
         self._beat_thread.start()
 
     def teardown(self) -> None:
+        self._stop_beats()  # first: a late beat must not re-register what teardown removes
+        try:
+            super().teardown()
+        finally:
+            self.leave()
+
+    def _stop_beats(self) -> None:
         self._beat_stop.set()
         if self._beat_thread is not None:
             self._beat_thread.join(timeout=5)
             self._beat_thread = None
+
+    def leave(self) -> None:
+        """Stop the heartbeats and delete the presence record (idempotent): dispatchers and
+        ``tapmask workers`` stop counting this worker at once."""
+        self._stop_beats()
         try:
-            super().teardown()
-        finally:
-            try:
-                with self.connection.pipeline(transaction=False) as pipe:
-                    remove_presence(pipe, self.runtime.keys, self.name)
-                    pipe.execute()
-            except redis.RedisError:
-                pass
+            with self.connection.pipeline(transaction=False) as pipe:
+                remove_presence(pipe, self.runtime.keys, self.name)
+                pipe.execute()
+        except redis.RedisError:
+            pass
 
     def subscribe(self) -> None:
         """rq's command channel (``rq.command``), listened to by a thread that wakes every
@@ -196,6 +211,8 @@ class TapmaskWorker(SimpleWorker):
         performed = False
         try:
             timeout = job.timeout or self.queue_class.DEFAULT_TIMEOUT
+            if self.max_job_seconds:  # our own bound: a drain never waits longer than this
+                timeout = min(int(timeout), self.max_job_seconds)
             with self.death_penalty_class(timeout, JobTimeoutException, job_id=job.id):
                 reply = job.perform()  # TapmaskJob.func: only tapmask job functions resolve
             performed = True
@@ -305,6 +322,10 @@ class TapmaskWorker(SimpleWorker):
             log.debug("heartbeat failed: %s", exc)
 
 
+def _exit_now(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
 def _function_of(job: Job) -> str:
     try:
         return function_label(job.func_name)
@@ -377,7 +398,7 @@ def build_worker(args: argparse.Namespace) -> TapmaskWorker:
             name, socket.gethostname(), args.device, tuple(models), tuple(kinds)
         )
         # Its own client with short timeouts: a scrape must not hang on a stuck Redis.
-        pool = connect(args.redis_url, socket_timeout=2.0)
+        pool = connect(args.redis_url, socket_timeout=2.0, retries=0)
         metrics = WorkerMetrics(identity, engine, keys, pool=pool)
     worker = TapmaskWorker(
         queues,
@@ -386,6 +407,7 @@ def build_worker(args: argparse.Namespace) -> TapmaskWorker:
         device=args.device,
         heartbeat=args.heartbeat,
         metrics=metrics,
+        max_job_seconds=args.job_timeout,
         worker_ttl=60,
         default_result_ttl=60,
     )
@@ -402,6 +424,10 @@ def queue_kinds(values: Sequence[str] | str | None) -> list[str]:
 
 
 def run_worker(args: argparse.Namespace) -> int:
+    # Loading models can take minutes, before rq installs its own handlers. As a container's
+    # PID 1 (Kubernetes runs no init) the process would ignore SIGTERM until then and be
+    # killed only at the end of the grace period: exit at once instead (nothing to finish).
+    signal.signal(signal.SIGTERM, _exit_now)
     worker = build_worker(args)
     if worker.metrics is not None:
         port = worker.metrics.serve(args.metrics_port, args.metrics_host)
@@ -433,8 +459,8 @@ def _work(worker: TapmaskWorker, args: argparse.Namespace) -> int:
                 logging_level=level,
                 log_format="%(asctime)s %(levelname)s %(name)s: %(message)s",
             )
-        except StopRequested:
-            pass
+        except StopRequested:  # stopped before rq's loop began: no teardown ran
+            worker.leave()
         except (redis.RedisError, ValueError) as exc:
             log.warning("worker %s lost Redis (%s); reconnecting", worker.name, exc)
         if worker.stopping or args.burst or args.max_jobs is not None:
