@@ -14,11 +14,11 @@ PORT ?= 9090
 HF_MODELS := sam2.1-% sam-hq-% sam-hf-% edgetam
 SERVE_EXTRA := $(if $(filter $(HF_MODELS),$(MODEL)),hf,$(if $(filter sam sam-%,$(MODEL)),sam,$(if $(filter ritm%,$(MODEL)),ritm,)))
 
-.PHONY: serve test lint format bench eval clean help deploy-cvat docker-build lint-docker
+.PHONY: serve test lint format bench eval clean help deploy-cvat docker-build lint-docker lint-k8s
 help:
 	@echo "make serve   install the core (+ the MODEL's extra) and serve the Label Studio backend on $(HOST):$(PORT)"
 	@echo "make test    install everything and run the tests"
-	@echo "make lint    ruff check + format check"
+	@echo "make lint    ruff check + format check, Dockerfiles, compose, Kubernetes manifests"
 	@echo "make bench   side-by-side performance measurements"
 
 $(PY):
@@ -52,7 +52,7 @@ serve: $(SERVE_STAMP)
 test: $(VENV)/.installed-all+dev $(LS_VENV)/.installed-$(LS_VERSION)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-lint: $(VENV)/.installed-all+dev lint-docker
+lint: $(VENV)/.installed-all+dev lint-docker lint-k8s
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
@@ -94,3 +94,9 @@ lint-docker: $(VENV)/.installed-all+dev
 
 clean:
 	rm -rf $(VENV) .pytest_cache eval-results
+
+# Kubernetes: render every kustomization in deploy/kubernetes (no cluster, no kustomize binary)
+# and validate each object offline: Kubernetes kinds against the schemas of kubernetes-validate
+# (strict), KEDA ScaledObjects and the Prometheus Operator kinds against deploy/kubernetes/schemas/.
+lint-k8s: $(VENV)/.installed-all+dev
+	$(PY) -m deploy.check

@@ -91,6 +91,35 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
         64,
         "embeddings larger than this are not shared",
     )
+    timeout = os.environ.get("TAPMASK_JOB_TIMEOUT", "")
+    parser.add_argument(
+        "--job-timeout",
+        type=int,
+        default=int(float(timeout)) if timeout.strip() else None,
+        help="seconds any one job may run here, whatever its front end asked for: a worker "
+        "told to stop (SIGTERM) is done within it ($TAPMASK_JOB_TIMEOUT, the front ends' "
+        "setting; default: each job's own timeout)",
+    )
+    parser.add_argument(
+        "--queue-kinds",
+        default=os.environ.get("TAPMASK_WORKER_QUEUE_KINDS", "interactive,batch"),
+        help="which queues of its models to listen to: interactive, batch or both, interactive "
+        "first ($TAPMASK_WORKER_QUEUE_KINDS; default interactive,batch). A batch-only worker "
+        "takes prefetches and pre-annotation, never a click",
+    )
+    metrics_port = os.environ.get("TAPMASK_WORKER_METRICS_PORT", "")
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=int(metrics_port) if metrics_port.strip() else None,
+        help="serve Prometheus metrics on this port, 0 for any free one "
+        "($TAPMASK_WORKER_METRICS_PORT; default: no metrics endpoint)",
+    )
+    parser.add_argument(
+        "--metrics-host",
+        default=os.environ.get("TAPMASK_WORKER_METRICS_HOST", "0.0.0.0"),
+        help="address of the metrics endpoint ($TAPMASK_WORKER_METRICS_HOST; default 0.0.0.0)",
+    )
     parser.add_argument("--burst", action="store_true", help="exit when the queues are empty")
     parser.add_argument("--max-jobs", type=int, help="exit after this many jobs")
 
@@ -120,13 +149,16 @@ def print_pool(args: argparse.Namespace) -> int:
         print(json.dumps({"workers": workers, "queues": queues}, indent=2))
         return 0
     print(f"{len(workers)} live worker(s)")
-    print(f"{'WORKER':34} {'STATE':9} {'DEVICE':8} {'JOBS':>6} {'ERR':>5} {'BEAT':>6}  MODELS")
+    print(
+        f"{'WORKER':34} {'STATE':9} {'DEVICE':8} {'QUEUES':7} {'JOBS':>6} {'ERR':>5} "
+        f"{'BEAT':>6} {'METRICS':>7}  MODELS"
+    )
     for w in workers:
         beat = f"{time.time() - float(w.get('heartbeat', 0)):.1f}s"
         print(
             f"{w['name'][:34]:34} {w.get('state', '?'):9} {str(w.get('device') or '-')[:8]:8} "
-            f"{w.get('jobs', 0):>6} {w.get('errors', 0):>5} {beat:>6}  "
-            + ",".join(w.get("models", []))
+            f"{_kinds(keys, w):7} {w.get('jobs', 0):>6} {w.get('errors', 0):>5} {beat:>6} "
+            f"{w.get('metrics_port') or '-':>7}  " + ",".join(w.get("models", []))
         )
     print()
     print(f"{'MODEL':24} {'INTERACTIVE':>11} {'BATCH':>7}  WORKERS")
@@ -135,3 +167,10 @@ def print_pool(args: argparse.Namespace) -> int:
         q = queues[model]
         print(f"{model[:24]:24} {q['interactive']:>11} {q['batch']:>7}  {serving}")
     return 0
+
+
+def _kinds(keys, record: dict) -> str:
+    """``i+b``, ``i`` or ``b``: the queue kinds a worker listens to (a batch-only worker never
+    takes a click)."""
+    kinds = {parsed[1] for q in record.get("queues", []) if (parsed := keys.parse_queue(str(q)))}
+    return "+".join(k[0] for k in ("interactive", "batch") if k in kinds) or "-"

@@ -34,6 +34,7 @@ class WorkerInfo:
     errors: int = 0
     heartbeat: float = 0.0
     stats: dict[str, Any] = field(default_factory=dict)
+    metrics_port: int | None = None  # its Prometheus endpoint (``--metrics-port``), if any
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

@@ -26,6 +26,7 @@ import contextlib
 import importlib
 import logging
 import os
+import signal
 import socket
 import sys
 import threading
@@ -52,8 +53,9 @@ from backends.redis import jobs
 from backends.redis.connection import connect
 from backends.redis.embeddings import RedisEmbeddingStore
 from backends.redis.jobs import TapmaskJob, WorkerRuntime
+from backends.redis.metrics import WorkerIdentity, WorkerMetrics, function_label, outcome_of
 from backends.redis.presence import WorkerInfo, remove_presence, write_presence
-from backends.redis.protocol import Keys, check_model_name
+from backends.redis.protocol import QUEUE_KINDS, Keys, check_model_name
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +79,8 @@ class TapmaskWorker(SimpleWorker):
         device: str | None = None,
         heartbeat: float = 1.0,
         presence_ttl: float | None = None,
+        metrics: WorkerMetrics | None = None,
+        max_job_seconds: int | None = None,
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("serializer", JSONSerializer)
@@ -94,14 +98,26 @@ class TapmaskWorker(SimpleWorker):
             device=device,
             started=time.time(),
         )
+        self.metrics = metrics
+        self.max_job_seconds = max_job_seconds
+        if metrics is not None:
+            metrics.worker = self
+        self.last_beat_ok: float | None = None  # when Redis last accepted our presence record
         self.stopping = False
         self._holding_job = False
         self._beat_stop = threading.Event()
         self._beat_thread: threading.Thread | None = None
 
+    @property
+    def busy(self) -> bool:
+        return self.info.state == "busy"
+
     # -- lifecycle -----------------------------------------------------------------------------
     def bootstrap(self, *args: Any, **kwargs: Any) -> None:
         super().bootstrap(*args, **kwargs)
+        # rq installs its SIGTERM handler only after bootstrap; take it over before our
+        # presence appears, so a drain from then on is always rq's warm shutdown.
+        self._install_signal_handlers()
         self.info.state = "idle"
         self._beat()
         self._beat_stop.clear()
@@ -111,19 +127,28 @@ class TapmaskWorker(SimpleWorker):
         self._beat_thread.start()
 
     def teardown(self) -> None:
+        self._stop_beats()  # first: a late beat must not re-register what teardown removes
+        try:
+            super().teardown()
+        finally:
+            self.leave()
+
+    def _stop_beats(self) -> None:
         self._beat_stop.set()
         if self._beat_thread is not None:
             self._beat_thread.join(timeout=5)
             self._beat_thread = None
+
+    def leave(self) -> None:
+        """Stop the heartbeats and delete the presence record (idempotent): dispatchers and
+        ``tapmask workers`` stop counting this worker at once."""
+        self._stop_beats()
         try:
-            super().teardown()
-        finally:
-            try:
-                with self.connection.pipeline(transaction=False) as pipe:
-                    remove_presence(pipe, self.runtime.keys, self.name)
-                    pipe.execute()
-            except redis.RedisError:
-                pass
+            with self.connection.pipeline(transaction=False) as pipe:
+                remove_presence(pipe, self.runtime.keys, self.name)
+                pipe.execute()
+        except redis.RedisError:
+            pass
 
     def subscribe(self) -> None:
         """rq's command channel (``rq.command``), listened to by a thread that wakes every
@@ -179,13 +204,32 @@ class TapmaskWorker(SimpleWorker):
             self.set_state(WorkerStatus.BUSY, pipeline=pipe)
             pipe.execute()
         self.procline(f"{job.id} from {job.origin}")
+        stats = self.runtime.engine.stats
+        encodes, encode_seconds = stats.encodes, stats.encode_seconds
+        clock = time.perf_counter()
+        reply: Any = None
+        performed = False
         try:
             timeout = job.timeout or self.queue_class.DEFAULT_TIMEOUT
+            if self.max_job_seconds:  # our own bound: a drain never waits longer than this
+                timeout = min(int(timeout), self.max_job_seconds)
             with self.death_penalty_class(timeout, JobTimeoutException, job_id=job.id):
-                value = job.perform()  # TapmaskJob.func: only tapmask job functions resolve
-            self._job_succeeded(job, value, started)
+                reply = job.perform()  # TapmaskJob.func: only tapmask job functions resolve
+            performed = True
+            self._job_succeeded(job, reply, started)
         except Exception:
             self._job_failed(job, sys.exc_info(), started)
+        finally:
+            if self.metrics is not None:
+                self.metrics.job_finished(
+                    job.origin,
+                    _function_of(job),
+                    outcome_of(reply) if performed else "failed",
+                    time.perf_counter() - clock,
+                    _queue_wait(job),
+                    stats.encodes - encodes,
+                    stats.encode_seconds - encode_seconds,
+                )
 
     def _job_succeeded(self, job: Job, value: Any, started) -> None:
         job.ended_at = now()
@@ -273,8 +317,27 @@ class TapmaskWorker(SimpleWorker):
                 pipe.expire(self.executions_key, self.worker_ttl + 60)
                 rq_register(self, pipe)
                 pipe.execute()
+            self.last_beat_ok = info.heartbeat
         except redis.RedisError as exc:
             log.debug("heartbeat failed: %s", exc)
+
+
+def _exit_now(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _function_of(job: Job) -> str:
+    try:
+        return function_label(job.func_name)
+    except Exception:  # an undecodable payload (it failed as such): still counted
+        return "other"
+
+
+def _queue_wait(job: Job) -> float | None:
+    """Seconds from enqueue (front end's clock) to start (ours), when rq recorded both."""
+    if job.enqueued_at is None or job.started_at is None:
+        return None
+    return (job.started_at - job.enqueued_at).total_seconds()
 
 
 def _split(values: Sequence[str] | str | None) -> list[str]:
@@ -300,6 +363,7 @@ def build_worker(args: argparse.Namespace) -> TapmaskWorker:
         raise TapmaskError("no models: pass --models NAME[,NAME…] (or TAPMASK_WORKER_MODELS)")
     for model in models:
         check_model_name(model)
+    kinds = queue_kinds(args.queue_kinds)
     _load_plugins(_split(args.plugin) + _split(os.environ.get("TAPMASK_PLUGINS")))
     options: dict[str, Any] = {}
     if args.device:
@@ -326,20 +390,59 @@ def build_worker(args: argparse.Namespace) -> TapmaskWorker:
     name = args.name or f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:6]}"
     runtime = WorkerRuntime(engine=engine, connection=connection, keys=keys, name=name)
     jobs.install(runtime)
-    queues = [keys.interactive(m) for m in models] + [keys.batch(m) for m in models]
-    return TapmaskWorker(
+    # Every interactive queue before any batch queue: clicks overtake prefetches.
+    queues = [keys.queue(m, kind) for kind in kinds for m in models]
+    metrics = None
+    if args.metrics_port is not None and args.metrics_port >= 0:
+        identity = WorkerIdentity(
+            name, socket.gethostname(), args.device, tuple(models), tuple(kinds)
+        )
+        # Its own client with short timeouts: a scrape must not hang on a stuck Redis.
+        pool = connect(args.redis_url, socket_timeout=2.0, retries=0)
+        metrics = WorkerMetrics(identity, engine, keys, pool=pool)
+    worker = TapmaskWorker(
         queues,
         runtime=runtime,
         models=models,
         device=args.device,
         heartbeat=args.heartbeat,
+        metrics=metrics,
+        max_job_seconds=args.job_timeout,
         worker_ttl=60,
         default_result_ttl=60,
     )
+    return worker
+
+
+def queue_kinds(values: Sequence[str] | str | None) -> list[str]:
+    """The queue kinds a worker listens to, in priority order (interactive first)."""
+    kinds = _split(values) or list(QUEUE_KINDS)
+    unknown = sorted(set(kinds) - set(QUEUE_KINDS))
+    if unknown:
+        raise TapmaskError(f"unknown queue kind(s) {unknown}: choose from {list(QUEUE_KINDS)}")
+    return [kind for kind in QUEUE_KINDS if kind in kinds]
 
 
 def run_worker(args: argparse.Namespace) -> int:
+    # Loading models can take minutes, before rq installs its own handlers. As a container's
+    # PID 1 (Kubernetes runs no init) the process would ignore SIGTERM until then and be
+    # killed only at the end of the grace period: exit at once instead (nothing to finish).
+    signal.signal(signal.SIGTERM, _exit_now)
     worker = build_worker(args)
+    if worker.metrics is not None:
+        port = worker.metrics.serve(args.metrics_port, args.metrics_host)
+        worker.info.metrics_port = port
+        log.warning(
+            "worker %s: metrics on http://%s:%d/metrics", worker.name, args.metrics_host, port
+        )
+    try:
+        return _work(worker, args)
+    finally:
+        if worker.metrics is not None:
+            worker.metrics.close()
+
+
+def _work(worker: TapmaskWorker, args: argparse.Namespace) -> int:
     level = "DEBUG" if getattr(args, "verbose", False) else "WARNING"
     log.warning(
         "worker %s serving %s on %s (%s)",
@@ -356,8 +459,8 @@ def run_worker(args: argparse.Namespace) -> int:
                 logging_level=level,
                 log_format="%(asctime)s %(levelname)s %(name)s: %(message)s",
             )
-        except StopRequested:
-            pass
+        except StopRequested:  # stopped before rq's loop began: no teardown ran
+            worker.leave()
         except (redis.RedisError, ValueError) as exc:
             log.warning("worker %s lost Redis (%s); reconnecting", worker.name, exc)
         if worker.stopping or args.burst or args.max_jobs is not None:

@@ -1,0 +1,1 @@
+"""Deployment manifests (Kubernetes) and their offline checks (``python -m deploy.check``)."""
