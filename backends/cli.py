@@ -134,7 +134,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
-    from backends.redis.worker import run_worker
+    from backends.redis.startup import run_worker
 
     return run_worker(args)
 

@@ -75,7 +75,7 @@ def _cli_args(container: dict[str, Any], env: dict[str, str], monkeypatch) -> ar
 
 
 def _worker_lists(args: argparse.Namespace, keys: Keys) -> set[str]:
-    from backends.redis.worker import _split, queue_kinds
+    from backends.redis.startup import _split, queue_kinds
 
     return {
         Keys.queue_list(keys.queue(model, kind))

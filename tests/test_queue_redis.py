@@ -420,3 +420,47 @@ def test_sigterm_right_after_start_is_a_prompt_warm_shutdown(spawn, rconn):
         assert worker.wait(10) == 0
         assert time.monotonic() - started < 3
         assert _presence(rconn, f"early-{attempt}") is None
+
+
+def test_a_worker_encodes_the_images_waiting_for_it_in_one_pass(spawn, make_dispatcher, rconn):
+    dispatcher = make_dispatcher(queue_ttl=20, job_timeout=20)
+    pngs = [_png(100 + i) for i in range(5)]
+    for png in pngs:  # queued before any worker runs: they wait together
+        dispatcher.prefetch("test-batching", png)
+    spawn("batcher", ["test-batching"], extra_args=["--encode-batch", "4"]).wait_ready(rconn)
+    _wait_for(lambda: _count(rconn, "encodes", "test-batching") == 5)
+    passes = [int(n) for n in rconn.lrange("test:passes:test-batching", 0, -1)]
+    assert passes == [4, 1]
+
+    # Clicks queued together are batched too, and each gets its own mask.
+    rconn.delete("test:passes:test-batching")
+    clicks = [_png(200 + i) for i in range(3)]
+    results: dict[int, object] = {}
+
+    def click(index: int) -> None:
+        results[index] = dispatcher.segment(
+            "test-batching", clicks[index], Prompt((Click(index + 1, 2),))
+        )
+
+    threads = [threading.Thread(target=click, args=(i,)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert sorted(results) == [0, 1, 2]
+    for index, result in results.items():
+        assert result.mask[2, index + 1] and result.mask.sum() == 1
+    passes = [int(n) for n in rconn.lrange("test:passes:test-batching", 0, -1)]
+    assert sum(passes) == 3 and max(passes) >= 2  # not three passes of one
+
+
+def test_a_lone_click_is_encoded_alone(spawn, make_dispatcher, rconn):
+    spawn("loner", ["test-batching"], extra_args=["--encode-batch-wait-ms", "5000"]).wait_ready(
+        rconn
+    )
+    dispatcher = make_dispatcher()
+    rconn.delete("test:passes:test-batching")
+    started = time.monotonic()
+    dispatcher.segment("test-batching", _png(300), Prompt((Click(1, 1),)))
+    assert time.monotonic() - started < 4  # the wait is for prefetches, never for a click
+    assert rconn.lrange("test:passes:test-batching", 0, -1) == [b"1"]

@@ -54,7 +54,7 @@ def install(runtime: WorkerRuntime | None) -> None:
     _runtime = runtime
 
 
-def _image_ref(rt: WorkerRuntime, key: str) -> bytes | str:
+def image_ref(rt: WorkerRuntime, key: str) -> bytes | str:
     """The Engine's cached image by key, else the bytes from Redis (checked against the key)."""
     if key in rt.engine.images:
         return key
@@ -68,19 +68,19 @@ def _image_ref(rt: WorkerRuntime, key: str) -> bytes | str:
 
 def _segment(rt: WorkerRuntime, payload: Any) -> dict[str, Any]:
     job = SegmentJob.from_payload(payload)
-    result = rt.engine.segment(job.model, _image_ref(rt, job.image), job.prompt)
+    result = rt.engine.segment(job.model, image_ref(rt, job.image), job.prompt)
     return protocol.segmentation_reply(result, rt.name)
 
 
 def _prefetch(rt: WorkerRuntime, payload: Any) -> dict[str, Any]:
     job = PrefetchJob.from_payload(payload)
-    rt.engine.prefetch(job.model, _image_ref(rt, job.image))
+    rt.engine.prefetch(job.model, image_ref(rt, job.image))
     return protocol.ok_reply(rt.name)
 
 
 def _export(rt: WorkerRuntime, payload: Any) -> dict[str, Any]:
     job = ExportJob.from_payload(payload)
-    array = rt.engine.export_embedding(job.model, _image_ref(rt, job.image))
+    array = rt.engine.export_embedding(job.model, image_ref(rt, job.image))
     array = np.ascontiguousarray(array, dtype=job.dtype)
     current = get_current_job()
     key = rt.keys.output(current.id if current is not None else uuid.uuid4().hex)

@@ -69,6 +69,23 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     )
     _setting(
         parser,
+        "--encode-batch",
+        "TAPMASK_ENCODE_BATCH",
+        int,
+        8,
+        "most images encoded in one pass: the taken job's and those of jobs already waiting "
+        "for the same model (1: no batching)",
+    )
+    _setting(
+        parser,
+        "--encode-batch-wait-ms",
+        "TAPMASK_ENCODE_BATCH_WAIT_MS",
+        float,
+        0,
+        "prefetches only: how long to wait for more images to batch (a click never waits)",
+    )
+    _setting(
+        parser,
         "--shared-embeddings-mb",
         "TAPMASK_SHARED_EMBEDDINGS_MB",
         float,

@@ -21,23 +21,17 @@ Extra models (tests, benchmarks, in-house models) come from ``--plugin MODULE`` 
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import importlib
 import logging
 import os
-import signal
 import socket
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
 import redis
-from rq.exceptions import StopRequested
 from rq.job import Job, JobStatus
 from rq.job_lifecycle import format_exc_info
 from rq.results import Result
@@ -47,15 +41,10 @@ from rq.utils import now, utcformat
 from rq.worker import SimpleWorker, WorkerStatus
 from rq.worker_registration import register as rq_register
 
-from backends.engine import Engine
-from backends.errors import TapmaskError
-from backends.redis import jobs
-from backends.redis.connection import connect
-from backends.redis.embeddings import RedisEmbeddingStore
+from backends.redis.batching import EncodeBatcher
 from backends.redis.jobs import TapmaskJob, WorkerRuntime
-from backends.redis.metrics import WorkerIdentity, WorkerMetrics, function_label, outcome_of
+from backends.redis.metrics import WorkerMetrics, function_label, outcome_of
 from backends.redis.presence import WorkerInfo, remove_presence, write_presence
-from backends.redis.protocol import QUEUE_KINDS, Keys, check_model_name
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +69,7 @@ class TapmaskWorker(SimpleWorker):
         heartbeat: float = 1.0,
         presence_ttl: float | None = None,
         metrics: WorkerMetrics | None = None,
+        batcher: EncodeBatcher | None = None,
         max_job_seconds: int | None = None,
         **kwargs: Any,
     ) -> None:
@@ -99,6 +89,7 @@ class TapmaskWorker(SimpleWorker):
             started=time.time(),
         )
         self.metrics = metrics
+        self.batcher = batcher
         self.max_job_seconds = max_job_seconds
         if metrics is not None:
             metrics.worker = self
@@ -214,6 +205,8 @@ class TapmaskWorker(SimpleWorker):
             if self.max_job_seconds:  # our own bound: a drain never waits longer than this
                 timeout = min(int(timeout), self.max_job_seconds)
             with self.death_penalty_class(timeout, JobTimeoutException, job_id=job.id):
+                if self.batcher is not None:
+                    self.batcher.before(job)  # the images waiting behind it, in one pass
                 reply = job.perform()  # TapmaskJob.func: only tapmask job functions resolve
             performed = True
             self._job_succeeded(job, reply, started)
@@ -322,10 +315,6 @@ class TapmaskWorker(SimpleWorker):
             log.debug("heartbeat failed: %s", exc)
 
 
-def _exit_now(signum: int, frame: Any) -> None:
-    raise SystemExit(128 + signum)
-
-
 def _function_of(job: Job) -> str:
     try:
         return function_label(job.func_name)
@@ -338,133 +327,3 @@ def _queue_wait(job: Job) -> float | None:
     if job.enqueued_at is None or job.started_at is None:
         return None
     return (job.started_at - job.enqueued_at).total_seconds()
-
-
-def _split(values: Sequence[str] | str | None) -> list[str]:
-    if not values:
-        return []
-    if isinstance(values, str):
-        values = [values]
-    return [item.strip() for value in values for item in value.split(",") if item.strip()]
-
-
-def _load_plugins(names: Sequence[str]) -> None:
-    for name in names:
-        try:
-            importlib.import_module(name)
-        except ImportError as exc:
-            raise TapmaskError(f"cannot import plugin {name!r}: {exc}") from exc
-
-
-def build_worker(args: argparse.Namespace) -> TapmaskWorker:
-    """Load plugins and models, connect, and build the worker (does not start it)."""
-    models = _split(args.models) or _split(os.environ.get("TAPMASK_WORKER_MODELS"))
-    if not models:
-        raise TapmaskError("no models: pass --models NAME[,NAME…] (or TAPMASK_WORKER_MODELS)")
-    for model in models:
-        check_model_name(model)
-    kinds = queue_kinds(args.queue_kinds)
-    _load_plugins(_split(args.plugin) + _split(os.environ.get("TAPMASK_PLUGINS")))
-    options: dict[str, Any] = {}
-    if args.device:
-        options["device"] = args.device
-    if args.checkpoint:
-        if len(models) != 1:
-            raise TapmaskError("--checkpoint needs exactly one model in --models")
-        options["checkpoint"] = args.checkpoint
-
-    keys = Keys(args.namespace)
-    connection = connect(args.redis_url, socket_timeout=60.0, retries=3)
-    store = None
-    if args.shared_embeddings_mb > 0:
-        store = RedisEmbeddingStore(
-            connection,
-            keys,
-            ttl=args.shared_embedding_ttl,
-            max_bytes=int(args.shared_embeddings_mb * MiB),
-            max_entry_bytes=int(args.shared_embedding_max_mb * MiB),
-        )
-    engine = Engine(shared_embeddings=store)
-    engine.load(models, **options)  # once, before any job; never per request
-
-    name = args.name or f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:6]}"
-    runtime = WorkerRuntime(engine=engine, connection=connection, keys=keys, name=name)
-    jobs.install(runtime)
-    # Every interactive queue before any batch queue: clicks overtake prefetches.
-    queues = [keys.queue(m, kind) for kind in kinds for m in models]
-    metrics = None
-    if args.metrics_port is not None and args.metrics_port >= 0:
-        identity = WorkerIdentity(
-            name, socket.gethostname(), args.device, tuple(models), tuple(kinds)
-        )
-        # Its own client with short timeouts: a scrape must not hang on a stuck Redis.
-        pool = connect(args.redis_url, socket_timeout=2.0, retries=0)
-        metrics = WorkerMetrics(identity, engine, keys, pool=pool)
-    worker = TapmaskWorker(
-        queues,
-        runtime=runtime,
-        models=models,
-        device=args.device,
-        heartbeat=args.heartbeat,
-        metrics=metrics,
-        max_job_seconds=args.job_timeout,
-        worker_ttl=60,
-        default_result_ttl=60,
-    )
-    return worker
-
-
-def queue_kinds(values: Sequence[str] | str | None) -> list[str]:
-    """The queue kinds a worker listens to, in priority order (interactive first)."""
-    kinds = _split(values) or list(QUEUE_KINDS)
-    unknown = sorted(set(kinds) - set(QUEUE_KINDS))
-    if unknown:
-        raise TapmaskError(f"unknown queue kind(s) {unknown}: choose from {list(QUEUE_KINDS)}")
-    return [kind for kind in QUEUE_KINDS if kind in kinds]
-
-
-def run_worker(args: argparse.Namespace) -> int:
-    # Loading models can take minutes, before rq installs its own handlers. As a container's
-    # PID 1 (Kubernetes runs no init) the process would ignore SIGTERM until then and be
-    # killed only at the end of the grace period: exit at once instead (nothing to finish).
-    signal.signal(signal.SIGTERM, _exit_now)
-    worker = build_worker(args)
-    if worker.metrics is not None:
-        port = worker.metrics.serve(args.metrics_port, args.metrics_host)
-        worker.info.metrics_port = port
-        log.warning(
-            "worker %s: metrics on http://%s:%d/metrics", worker.name, args.metrics_host, port
-        )
-    try:
-        return _work(worker, args)
-    finally:
-        if worker.metrics is not None:
-            worker.metrics.close()
-
-
-def _work(worker: TapmaskWorker, args: argparse.Namespace) -> int:
-    level = "DEBUG" if getattr(args, "verbose", False) else "WARNING"
-    log.warning(
-        "worker %s serving %s on %s (%s)",
-        worker.name,
-        ", ".join(worker.info.models),
-        args.redis_url,
-        ", ".join(worker.info.queues),
-    )
-    while True:
-        try:
-            worker.work(
-                burst=args.burst,
-                max_jobs=args.max_jobs,
-                logging_level=level,
-                log_format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-            )
-        except StopRequested:  # stopped before rq's loop began: no teardown ran
-            worker.leave()
-        except (redis.RedisError, ValueError) as exc:
-            log.warning("worker %s lost Redis (%s); reconnecting", worker.name, exc)
-        if worker.stopping or args.burst or args.max_jobs is not None:
-            return 0
-        time.sleep(1.0)  # Redis went away mid-job or at start-up: wait, then start over
-        with contextlib.suppress(redis.RedisError):
-            worker.connection.hset(worker.key, "death", utcformat(now()))

@@ -57,10 +57,30 @@ class ReportingModel:
         return np.frombuffer(data, np.float16).astype(np.float32)
 
 
+class BatchingModel(ReportingModel):
+    """Encodes several images per pass (``EncodesBatches``) and logs each pass's size."""
+
+    def encode_batch(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        if self.redis is not None:
+            self.redis.rpush(f"test:passes:{self.name}", len(images))
+        time.sleep(self.encode_seconds)
+        for _ in images:
+            self._report("encodes")
+        return [np.full(1000, float(image.mean()), np.float32) for image in images]
+
+    def encode(self, image: np.ndarray) -> np.ndarray:
+        return self.encode_batch([image])[0]
+
+
 def build(name: str, device: str | None = None, encode_seconds: float = 0.0) -> ReportingModel:
     return ReportingModel(name, encode_seconds)
 
 
+def build_batching(name: str, device: str | None = None) -> BatchingModel:
+    return BatchingModel(name, 0.2)
+
+
+register(ModelSpec("test-batching", "tests.support.queue_models:build_batching", "test: batches"))
 register(ModelSpec("test-counting", "tests.support.queue_models:build", "test: counts encodes"))
 register(ModelSpec("test-shared", "tests.support.queue_models:build", "test: counts encodes"))
 register(
