@@ -422,3 +422,21 @@ def test_config_defaults_are_official() -> None:
     config = RitmConfig()
     assert (config.width, config.ocr_width, config.norm_radius) == (48, 256, 260)
     assert config.use_rgb_conv and not config.use_disks and not config.with_prev_mask
+
+
+@pytest.mark.parametrize("variant", ["h18", "h18s"])
+def test_random_weights_build_the_official_architecture(variant):
+    """Benchmarks build RITM untrained: it must be the released checkpoints' network."""
+    import torch
+
+    from backends.models import registry
+
+    segmenter = registry.create(f"ritm-{variant}", random_weights=True, device="cpu")
+    state = torch.load(
+        REF / f"ritm_{variant}_itermask_synthetic.pth", map_location="cpu", weights_only=True
+    )["state_dict"]
+    ours = segmenter.predictor.net.state_dict()
+    assert {k: tuple(v.shape) for k, v in ours.items()} == {
+        k: tuple(v.shape) for k, v in state.items()
+    }
+    assert segmenter.checkpoint is None

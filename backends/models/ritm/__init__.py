@@ -20,7 +20,7 @@ import torch
 
 from backends.errors import ModelLoadError
 from backends.models.ritm.loader import load_checkpoint
-from backends.models.ritm.model import HRNetModel, RitmConfig
+from backends.models.ritm.model import OFFICIAL_CONFIGS, HRNetModel, RitmConfig
 from backends.models.ritm.predictor import NetClick, PredictorState, RitmPredictor, ZoomParams
 from backends.models.ritm.segmenter import RitmSegmenter, RitmState
 from backends.models.torch_utils import auto_device
@@ -69,6 +69,7 @@ def build(
     with_flip: bool = True,
     zoom_target: int = 400,
     prob_thresh: float = 0.49,
+    random_weights: bool = False,
     **options: Any,
 ) -> RitmSegmenter:
     """Load an official RITM checkpoint and wrap it as a :class:`RitmSegmenter`.
@@ -76,9 +77,25 @@ def build(
     ``device``: None picks CUDA when available. ``max_size``: optional longest-side limit of the
     network input (None = official behaviour). ``with_flip``, ``zoom_target`` (the zoom-in
     ``target_size``) and ``prob_thresh`` default to the official evaluation settings.
+    ``random_weights=True`` builds the official architecture of ``variant`` untrained and reads
+    no file (benchmarks); it must be asked for, it is never a fallback.
     """
     if options:
         raise ModelLoadError(f"{name}: unknown RITM options {sorted(options)}")
+    predictor_options = {
+        "prob_thresh": prob_thresh,
+        "with_flip": with_flip,
+        "zoom_in": ZoomParams(target_size=zoom_target),
+        "max_size": max_size,
+    }
+    if random_weights:
+        if checkpoint is not None:
+            raise ModelLoadError("random_weights=True and a checkpoint are mutually exclusive")
+        config = OFFICIAL_CONFIGS.get(variant or "h18")
+        if config is None:
+            raise ModelLoadError(f"{name}: no official RITM architecture {variant!r}")
+        net = HRNetModel(config).eval()
+        return _segmenter(name, net, config, None, device, predictor_options)
     path = resolve_checkpoint(checkpoint, default_checkpoint)
     if not path.is_file():
         raise ModelLoadError(
@@ -96,12 +113,16 @@ def build(
             config.small,
             variant,
         )
-    predictor = RitmPredictor(
-        net,
-        auto_device(device),
-        prob_thresh=prob_thresh,
-        with_flip=with_flip,
-        zoom_in=ZoomParams(target_size=zoom_target),
-        max_size=max_size,
-    )
+    return _segmenter(name, net, config, path, device, predictor_options)
+
+
+def _segmenter(
+    name: str,
+    net: HRNetModel,
+    config: RitmConfig,
+    path: Path | None,
+    device: str | torch.device | None,
+    options: dict[str, Any],
+) -> RitmSegmenter:
+    predictor = RitmPredictor(net, auto_device(device), **options)
     return RitmSegmenter(name, predictor, config, path)

@@ -49,6 +49,28 @@ class RitmConfig:
         return 2 + int(self.with_prev_mask)
 
 
+#: The architectures of the released ``coco_lvis_h*_itermask.pth`` checkpoints (read from their
+#: ``config``), for random-weight builds (benchmarks): the weights do not change the cost.
+OFFICIAL_CONFIGS = {
+    variant: RitmConfig(
+        width=width,
+        ocr_width=ocr_width,
+        small=small,
+        use_rgb_conv=False,
+        with_aux_output=True,
+        norm_radius=5,
+        use_disks=True,
+        with_prev_mask=True,
+        use_leaky_relu=True,
+    )
+    for variant, width, ocr_width, small in (
+        ("h18", 18, 64, False),
+        ("h18s", 18, 48, True),
+        ("h32", 32, 128, False),
+    )
+}
+
+
 def click_maps(
     points: torch.Tensor, rows: int, cols: int, norm_radius: float, use_disks: bool
 ) -> torch.Tensor:
