@@ -14,7 +14,7 @@ PORT ?= 9090
 HF_MODELS := sam2.1-% sam-hq-% sam-hf-% edgetam
 SERVE_EXTRA := $(if $(filter $(HF_MODELS),$(MODEL)),hf,$(if $(filter sam sam-%,$(MODEL)),sam,$(if $(filter ritm%,$(MODEL)),ritm,)))
 
-.PHONY: serve test lint format bench eval clean help deploy-cvat docker-build lint-docker lint-k8s
+.PHONY: serve test lint format bench bench-gpu eval clean help deploy-cvat docker-build lint-docker lint-k8s
 help:
 	@echo "make serve   install the core (+ the MODEL's extra) and serve the Label Studio backend on $(HOST):$(PORT)"
 	@echo "make test    install everything and run the tests"
@@ -62,6 +62,11 @@ format: $(VENV)/.installed-all+dev
 
 bench: $(VENV)/.installed-all+dev
 	$(VENV)/bin/tapmask bench
+
+# One device's table: encode/click latency, memory, batched encodes, clicks through a worker.
+DEVICE ?= cuda
+bench-gpu: $(VENV)/.installed-all+dev
+	$(VENV)/bin/tapmask bench-gpu --device $(DEVICE)
 
 # CVAT: build and deploy the nuclio functions in serverless/ (needs nuctl and Docker).
 # GPU=1 uses function-gpu.yaml; FUNCTIONS="sam ritm" picks some (default: all).

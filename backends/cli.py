@@ -105,6 +105,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return bench_main(args.only)
 
 
+def _cmd_bench_gpu(args: argparse.Namespace) -> int:
+    from backends.benchmarks.gpu import run_command
+
+    return run_command(args)
+
+
 def _cmd_weights(args: argparse.Namespace) -> int:
     from backends import weights
     from backends.models import hf
@@ -172,6 +178,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="side-by-side performance measurements")
     bench.add_argument("--only", action="append", help="run only these bench modules")
     bench.set_defaults(func=_cmd_bench)
+
+    bench_gpu = sub.add_parser(
+        "bench-gpu", help="encode/click latency, memory and batching on one device (a table)"
+    )
+    from backends.benchmarks.gpu import add_arguments as add_bench_gpu_arguments
+
+    add_bench_gpu_arguments(bench_gpu)
+    bench_gpu.set_defaults(func=_cmd_bench_gpu)
 
     weights = sub.add_parser("weights", help="download official checkpoints (needs internet)")
     weights.add_argument("names", nargs="*")
