@@ -36,6 +36,7 @@ from backends.errors import (
     UnknownImage,
 )
 from backends.prompts import Click, Prompt
+from backends.redis import protocol
 from backends.redis.dispatcher import RedisDispatcher
 from backends.redis.embeddings import RedisEmbeddingStore
 from backends.redis.pool import print_pool
@@ -427,31 +428,38 @@ def test_a_worker_encodes_the_images_waiting_for_it_in_one_pass(spawn, make_disp
     pngs = [_png(100 + i) for i in range(5)]
     for png in pngs:  # queued before any worker runs: they wait together
         dispatcher.prefetch("test-batching", png)
-    spawn("batcher", ["test-batching"], extra_args=["--encode-batch", "4"]).wait_ready(rconn)
+    spawn(
+        "batcher", ["test-batching"], extra_args=["--encode-batch", "4", "--encode-batch-clicks"]
+    ).wait_ready(rconn)
     _wait_for(lambda: _count(rconn, "encodes", "test-batching") == 5)
     passes = [int(n) for n in rconn.lrange("test:passes:test-batching", 0, -1)]
     assert passes == [4, 1]
 
-    # Clicks queued together are batched too, and each gets its own mask.
+    # Clicks queued together are batched too when asked, and each gets its own mask.
     rconn.delete("test:passes:test-batching")
-    clicks = [_png(200 + i) for i in range(3)]
-    results: dict[int, object] = {}
+    queued = _queue_clicks(dispatcher, rconn, [_png(200 + i) for i in range(3)])
+    spawn(
+        "batch-clicks",
+        ["test-batching"],
+        extra_args=["--encode-batch", "4", "--encode-batch-clicks"],
+    ).wait_ready(rconn)
+    for index, job in enumerate(queued):
+        reply = _wait_for(lambda job=job: job.latest_result(timeout=1)).return_value
+        mask = protocol.parse_segmentation_reply(reply).mask
+        assert mask[2, index + 1] and mask.sum() == 1
+    assert rconn.lrange("test:passes:test-batching", 0, -1) == [b"3"]
 
-    def click(index: int) -> None:
-        results[index] = dispatcher.segment(
-            "test-batching", clicks[index], Prompt((Click(index + 1, 2),))
-        )
 
-    threads = [threading.Thread(target=click, args=(i,)) for i in range(3)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
-    assert sorted(results) == [0, 1, 2]
-    for index, result in results.items():
-        assert result.mask[2, index + 1] and result.mask.sum() == 1
-    passes = [int(n) for n in rconn.lrange("test:passes:test-batching", 0, -1)]
-    assert sum(passes) == 3 and max(passes) >= 2  # not three passes of one
+def _queue_clicks(dispatcher, rconn, pngs: list[bytes]) -> list[Job]:
+    """Click jobs queued while no worker runs (as a burst of annotators would queue them)."""
+    queue = Queue(Keys().interactive("test-batching"), connection=rconn, serializer=JSONSerializer)
+    jobs = []
+    for index, png in enumerate(pngs):
+        sha = dispatcher._store_image(png)
+        prompt = Prompt((Click(index + 1, 2),))
+        payload = protocol.SegmentJob("test-batching", sha, prompt).to_payload()
+        jobs.append(queue.enqueue_call(SEGMENT_JOB, args=(payload,), timeout=20, result_ttl=60))
+    return jobs
 
 
 def test_a_lone_click_is_encoded_alone(spawn, make_dispatcher, rconn):
@@ -464,3 +472,13 @@ def test_a_lone_click_is_encoded_alone(spawn, make_dispatcher, rconn):
     dispatcher.segment("test-batching", _png(300), Prompt((Click(1, 1),)))
     assert time.monotonic() - started < 4  # the wait is for prefetches, never for a click
     assert rconn.lrange("test:passes:test-batching", 0, -1) == [b"1"]
+
+
+def test_clicks_are_not_batched_unless_asked(spawn, make_dispatcher, rconn):
+    """Batched clicks all wait for the whole pass: by default each click is encoded alone."""
+    rconn.delete("test:passes:test-batching")
+    queued = _queue_clicks(make_dispatcher(), rconn, [_png(400 + i) for i in range(3)])
+    spawn("plain", ["test-batching"]).wait_ready(rconn)
+    for job in queued:
+        assert _wait_for(lambda job=job: job.latest_result(timeout=1)).return_value["ok"]
+    assert rconn.lrange("test:passes:test-batching", 0, -1) == [b"1", b"1", b"1"]

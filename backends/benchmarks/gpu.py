@@ -20,6 +20,7 @@ code on a CPU in seconds. The table is Markdown, ready for the README.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -297,7 +298,8 @@ def measure_throughput(name: str, device: str, p: Plan) -> ThroughputRow:
     segmenter = _build(name, "bf16", device, p.options.get(name, {}))
     height, width = p.frame
     frames = [_frame(height, width, seed) for seed in range(p.batch)]
-    segmenter.encode_batch(frames[:2])  # warm-up of the batched kernels
+    # Warm-up at both shapes: a first pass at a new batch size autotunes its kernels.
+    segmenter.encode_batch(frames)
     segmenter.encode(frames[0])
     _sync(device)
     started = time.perf_counter()
@@ -393,8 +395,9 @@ def check_out_of_memory(device: str) -> str:
     engine = Engine({"sam": _build("sam-vit_b", "bf16", device, {})})
     png = encode_png(_frame(1080, 1920, 11))
     prompt = Prompt((Click(960.0, 540.0),))
+    torch.cuda.empty_cache()  # what the allocator holds would otherwise still serve the encode
     free, _ = torch.cuda.mem_get_info()
-    hog = torch.empty(int(free) - (64 << 20), dtype=torch.uint8, device=device)
+    hog = torch.empty(int(free) - (16 << 20), dtype=torch.uint8, device=device)
     try:
         engine.segment("sam", png, prompt)
         outcome = "no out-of-memory happened (the hog was too small)"
@@ -402,6 +405,7 @@ def check_out_of_memory(device: str) -> str:
         outcome = f"{exc.status} {exc.code}"
     finally:
         del hog
+        torch.cuda.empty_cache()
     served = engine.segment("sam", png, prompt)
     return (
         f"out-of-memory check: first click answered {outcome}; after freeing, the next click "
@@ -440,12 +444,17 @@ def _log(message: str) -> None:
     print(f"[bench-gpu] {message}", file=sys.stderr, flush=True)
 
 
-def run(device: str, quick: bool = False, worker: bool = True) -> Report:
+def run(
+    device: str, quick: bool = False, worker: bool = True, only: set[str] | None = None
+) -> Report:
     import torch
 
     torch.manual_seed(0)
     torch.set_flush_denormal(True)  # CPU: random weights must not measure denormal arithmetic
     p = plan(device, quick)
+    if only:
+        models = tuple(row for row in p.models if row[0] in only)
+        p = dataclasses.replace(p, models=models, batched=tuple(n for n in p.batched if n in only))
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     report = Report(device, when, environment(device), p.frame)
     for name, precision in p.models:
@@ -530,6 +539,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cuda", help="cuda, cuda:1 or cpu (default cuda)")
     parser.add_argument("--quick", action="store_true", help="tiny models, small frame (tests)")
     parser.add_argument("--no-worker", action="store_true", help="skip the Redis worker row")
+    parser.add_argument("--only", help="comma-separated model names: measure only these")
     parser.add_argument("--json", help="also write the measurements to this JSON file")
     parser.add_argument(
         "--check-oom", action="store_true", help="also cause a real CUDA out-of-memory (CUDA only)"
@@ -542,7 +552,8 @@ def run_command(args: argparse.Namespace) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("tapmask bench-gpu: no CUDA device here; use --device cpu", file=sys.stderr)
         return 2
-    report = run(args.device, quick=args.quick, worker=not args.no_worker)
+    only = {name.strip() for name in args.only.split(",") if name.strip()} if args.only else None
+    report = run(args.device, quick=args.quick, worker=not args.no_worker, only=only)
     print(render(report))
     if args.check_oom:
         print()

@@ -111,7 +111,12 @@ def build_worker(args: argparse.Namespace) -> TapmaskWorker:
         heartbeat=args.heartbeat,
         metrics=metrics,
         max_job_seconds=args.job_timeout,
-        batcher=EncodeBatcher(runtime, args.encode_batch, args.encode_batch_wait_ms / 1000.0),
+        batcher=EncodeBatcher(
+            runtime,
+            args.encode_batch,
+            args.encode_batch_wait_ms / 1000.0,
+            clicks=args.encode_batch_clicks,
+        ),
         worker_ttl=60,
         default_result_ttl=60,
     )
