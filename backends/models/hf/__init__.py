@@ -159,8 +159,14 @@ def build(
     ``hq_token_only`` (HQ-SAM: the HQ mask alone instead of SAM + HQ; default False; the SAM
     names take it and ignore it), ``fuse_backbone`` (EdgeTAM: fuse the RepViT backbone for
     inference, run it channels-last; default True; the SAM 2.1 names take it and ignore it).
+
+    Serving never reaches the hub: ``HF_HUB_OFFLINE`` is set for the process (unless the
+    environment sets it) before transformers loads. Older transformers releases (5.17, seen on
+    a GPU machine) built a default EdgeTAM config by fetching ``timm/repvit_m1.dist_in1k`` while
+    constructing the model; offline, such a fetch fails at once instead of retrying for 30 s.
     """
     info = model_info(name)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         from backends.models.hf.families import build as build_family_model
     except ImportError as exc:
