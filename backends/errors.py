@@ -62,6 +62,36 @@ class RequestTooLarge(TapmaskError, ValueError, status=413, code="request_too_la
     """A request body, or a count or nesting inside it, over a configured bound."""
 
 
+class JsonTooDeep(RequestTooLarge, status=413, code="json_too_deep"):
+    """A body whose arrays/objects nest deeper than ``TAPMASK_MAX_JSON_DEPTH``."""
+
+
+class NumberTooLong(RequestTooLarge, status=413, code="number_too_long"):
+    """A number literal with more digits than ``TAPMASK_MAX_NUMBER_DIGITS``."""
+
+
+class TooManyObjects(RequestTooLarge, status=413, code="too_many_objects"):
+    """More objects (one model run each) in one request than ``TAPMASK_MAX_OBJECTS``."""
+
+
+class TooManyClicks(RequestTooLarge, status=413, code="too_many_clicks"):
+    """More clicks on one object than ``TAPMASK_MAX_CLICKS``."""
+
+
+class DeclaredSizeTooLarge(RequestTooLarge, status=413, code="declared_size_too_large"):
+    """A declared image size (Label Studio's ``original_width`` × ``original_height``) over
+    ``TAPMASK_MAX_PIXELS``: refused before any image is fetched or any mask is drawn."""
+
+
+class DeclaredSizeMismatch(TapmaskError, ValueError, status=422, code="declared_size_mismatch"):
+    """A declared image size that cannot be the image's: neither its size, nor a scaled copy,
+    nor (with an EXIF rotation) its stored frame."""
+
+
+class UnknownLabel(TapmaskError, ValueError, status=422, code="unknown_label"):
+    """A clicked label that no output control defines, and no unambiguous label to use instead."""
+
+
 class PromptError(TapmaskError, ValueError, status=400, code="bad_prompt"):
     """Clicks or box that cannot be used: non-finite, far outside the image, inverted, empty."""
 
@@ -87,6 +117,15 @@ class UnknownImage(TapmaskError, KeyError, status=409, code="unknown_image"):
 
 class ImageFetchError(TapmaskError, status=502, code="image_fetch_failed"):
     """The image URL could not be downloaded (the server answered an error or is unreachable)."""
+
+
+class BadImageUrl(TapmaskError, ValueError, status=400, code="bad_image_url"):
+    """An image URL refused before any connection: unparsable, control characters, a scheme
+    other than http(s), a relative path or a data: URI."""
+
+
+class ImageUrlTooLong(BadImageUrl, status=414, code="image_url_too_long"):
+    """An image URL longer than ``TAPMASK_MAX_URL_CHARS``."""
 
 
 class ImageNotFound(ImageFetchError, status=404, code="image_not_found"):
@@ -133,6 +172,11 @@ class DeviceOutOfMemory(Unavailable, status=503, code="device_out_of_memory"):
 
 class Timeout(TapmaskError, TimeoutError, status=504, code="timeout"):
     """The request was accepted but no result came back in time."""
+
+
+class ImageTimeout(Timeout, status=504, code="image_timeout"):
+    """The image host went silent for ``TAPMASK_DOWNLOAD_READ_TIMEOUT_S`` or the download ran
+    past ``TAPMASK_DOWNLOAD_DEADLINE_S``."""
 
 
 class WorkerReplyError(TapmaskError, RuntimeError, status=502, code="bad_worker_reply"):

@@ -9,20 +9,20 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import warnings
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from backends.errors import ImageError, ImageTooLarge
+from backends.settings import MAX_PIXELS
 
 #: Default largest image accepted, in pixels (50 MP). ``TAPMASK_MAX_PIXELS`` overrides it.
-DEFAULT_MAX_PIXELS = 50_000_000
+DEFAULT_MAX_PIXELS = int(MAX_PIXELS.default)
 
 
 def max_pixels() -> int:
-    return int(os.environ.get("TAPMASK_MAX_PIXELS", DEFAULT_MAX_PIXELS))
+    return int(MAX_PIXELS)
 
 
 def sha256(data: bytes) -> str:
@@ -65,7 +65,7 @@ def decode(data: bytes, *, limit: int | None = None) -> np.ndarray:
             if width * height > limit:
                 raise ImageTooLarge(
                     f"image is {width}×{height} = {width * height / 1e6:.1f} MP, "
-                    f"over the limit of {limit / 1e6:.1f} MP"
+                    f"over the limit of {limit / 1e6:.1f} MP (TAPMASK_MAX_PIXELS)"
                 )
             img.load()
             img = ImageOps.exif_transpose(img)
@@ -85,17 +85,28 @@ def encode_png(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-_SWAPS_AXES = {5, 6, 7, 8}  # EXIF orientations that rotate by 90°
+#: EXIF orientations that rotate by 90° (the displayed frame is the stored one transposed).
+SWAPS_AXES = frozenset({5, 6, 7, 8})
+
+
+def header(data: bytes) -> tuple[int, int, int]:
+    """(stored height, stored width, EXIF orientation 1–8) from the header only (no decode)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                width, height = img.size
+                orientation = img.getexif().get(0x0112, 1)
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLarge(f"image rejected as a decompression bomb: {exc}") from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise ImageError(f"cannot read image ({len(data)} bytes): {exc}") from exc
+    if not isinstance(orientation, int) or not 1 <= orientation <= 8:
+        orientation = 1  # what exif_transpose does with a value it does not know
+    return height, width, orientation
 
 
 def size(data: bytes) -> tuple[int, int]:
     """(height, width) as ``decode`` would return it, read from the header only (no decode)."""
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            width, height = img.size
-            orientation = img.getexif().get(0x0112, 1)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise ImageError(f"cannot read image ({len(data)} bytes): {exc}") from exc
-    except Image.DecompressionBombError as exc:
-        raise ImageTooLarge(f"image rejected as a decompression bomb: {exc}") from exc
-    return (width, height) if orientation in _SWAPS_AXES else (height, width)
+    height, width, orientation = header(data)
+    return (width, height) if orientation in SWAPS_AXES else (height, width)

@@ -24,9 +24,19 @@ CLIP_MARGIN_FRACTION = 0.02
 def _finite(name: str, *values: float) -> None:
     for value in values:
         if not isinstance(value, (int, float, np.integer, np.floating)) or isinstance(value, bool):
-            raise PromptError(f"{name}: coordinates must be numbers, got {value!r}")
-        if not math.isfinite(float(value)):
-            raise PromptError(f"{name}: coordinates must be finite, got {value!r}")
+            raise PromptError(f"{name}: coordinates must be numbers, got {_short(value)}")
+        try:
+            finite = math.isfinite(float(value))
+        except OverflowError:  # an int too large for a float
+            finite = False
+        if not finite:
+            raise PromptError(f"{name}: coordinates must be finite, got {_short(value)}")
+
+
+def _short(value: Any, limit: int = 40) -> str:
+    """``repr`` cut short: a hostile value may be megabytes long."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
 
 
 def _clip(name: str, value: float, size: int) -> float:
@@ -157,10 +167,10 @@ class Prompt:
             clicks = tuple(Click(float(x), float(y), bool(p)) for x, y, p in data.get("clicks", []))
             box_values = data.get("box")
             box = Box(*(float(v) for v in box_values)) if box_values else None
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, OverflowError) as exc:
             if isinstance(exc, PromptError):
                 raise
-            raise PromptError(f"malformed prompt: {exc}") from exc
+            raise PromptError(f"malformed prompt: {str(exc)[:200]}") from exc
         return cls(clicks, box)
 
 

@@ -309,7 +309,7 @@ def test_token_never_reaches_a_foreign_host(fake_ls, teddy):
             400,
             "not an image",
         ),
-        (lambda b: b["tasks"][0]["data"].update(image="s3://bucket/x.jpg"), 502, "scheme"),
+        (lambda b: b["tasks"][0]["data"].update(image="s3://bucket/x.jpg"), 400, "scheme"),
         (lambda b: b["tasks"][0].pop("data"), 422, "image URL"),
     ],
 )

@@ -70,13 +70,13 @@ def spawn(server, tmp_path):
     """Start worker processes; all of them are stopped (warm, then killed) after the test."""
     started: list[WorkerProcess] = []
 
-    def start(name: str, models: list[str], **kwargs) -> WorkerProcess:
+    def start(name: str, models: list[str], env: dict | None = None, **kwargs) -> WorkerProcess:
         worker = WorkerProcess(
             server.url,
             models,
             name=name,
             plugins=[PLUGIN],
-            env={"TAPMASK_TEST_REDIS_URL": server.url},
+            env={"TAPMASK_TEST_REDIS_URL": server.url, **(env or {})},
             log_dir=str(tmp_path),
             **kwargs,
         )
@@ -482,3 +482,38 @@ def test_clicks_are_not_batched_unless_asked(spawn, make_dispatcher, rconn):
     for job in queued:
         assert _wait_for(lambda job=job: job.latest_result(timeout=1)).return_value["ok"]
     assert rconn.lrange("test:passes:test-batching", 0, -1) == [b"1", b"1", b"1"]
+
+
+def test_job_input_is_bounded_before_the_worker_does_any_work(spawn, make_dispatcher, rconn):
+    """Counts, sizes and numbers a job carries are refused by the worker (issue 14) with their
+    own codes, fast, without an encode; the worker serves the next click."""
+    model = "test-counting"
+    worker = spawn("bounds", [model], env={"TAPMASK_MAX_IMAGE_MB": "0.01"})
+    worker.wait_ready(rconn)
+    encodes = _count(rconn, "encodes", model)  # the counter is shared with earlier tests
+    data = _png(11)  # 40×30 noise, ~3.6 KB: under the worker's 10 KiB image limit
+    sha = images.sha256(data)
+    rconn.set(Keys().image(sha), data)
+    queue = Queue(Keys().interactive(model), connection=rconn, serializer=JSONSerializer)
+    base = {"v": 1, "model": model, "image": sha}
+    hostile = {
+        "too_many_clicks": {**base, "prompt": {"clicks": [[1, 1, True]] * 101, "box": None}},
+        "request_too_large": {
+            **base,
+            "prompt": {"clicks": [[1, 1, True]], "box": None},
+            "previous_mask": {"size": [100_000, 100_000], "counts": "0"},
+        },
+        "bad_prompt": {**base, "prompt": {"clicks": [[10**400, 1, True]], "box": None}},
+    }
+    for code, payload in hostile.items():
+        started = time.monotonic()
+        job = queue.enqueue_call(SEGMENT_JOB, args=(payload,), timeout=5)
+        reply = _wait_for(lambda job=job: job.latest_result(timeout=1)).return_value
+        assert reply["ok"] is False and reply["error"] == code, reply
+        assert 400 <= reply["status"] < 500 and time.monotonic() - started < 2.0
+    assert _count(rconn, "encodes", model) == encodes  # nothing was decoded or encoded
+    dispatcher = make_dispatcher()
+    with pytest.raises(ImageTooLarge, match="TAPMASK_MAX_IMAGE_MB"):
+        dispatcher.segment(model, _png(12, 100, 100), Prompt((Click(1, 1),)))
+    assert dispatcher.segment(model, data, Prompt((Click(3, 4),))).mask[4, 3]
+    assert worker.proc.poll() is None

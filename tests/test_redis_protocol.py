@@ -7,7 +7,14 @@ import importlib
 import numpy as np
 import pytest
 
-from backends.errors import InvalidRequest, ModelNotFound, PromptError
+from backends.errors import (
+    ImageTooLarge,
+    InvalidRequest,
+    ModelNotFound,
+    PromptError,
+    TapmaskError,
+    TooManyClicks,
+)
 from backends.prompts import Box, Click, Prompt, Segmentation
 from backends.redis import jobs, protocol
 from backends.redis.protocol import ExportJob, Keys, PrefetchJob, SegmentJob
@@ -65,3 +72,50 @@ def test_segmentation_reply_round_trip():
     reply = protocol.segmentation_reply(Segmentation(mask, 0.75, "grabcut"), "w1")
     back = protocol.parse_segmentation_reply(reply)
     assert np.array_equal(back.mask, mask) and back.score == 0.75 and back.extra["worker"] == "w1"
+
+
+def _segment(prompt=None, **extra):
+    return {
+        "v": 1,
+        "model": "m",
+        "image": "a" * 64,
+        "prompt": {"clicks": [[1, 2, True]], "box": None} if prompt is None else prompt,
+        **extra,
+    }
+
+
+@pytest.mark.parametrize(
+    ("payload", "code"),
+    [
+        (_segment({"clicks": [[1, 2, True]] * 101}), "too_many_clicks"),
+        (_segment({"clicks": "1,2"}), "bad_prompt"),
+        (_segment({"clicks": [[10**400, 2, True]]}), "bad_prompt"),
+        (_segment({"clicks": [[[1, 2], 2, True]]}), "bad_prompt"),
+        (_segment({"clicks": [[1, 2]]}), "bad_prompt"),
+        (_segment({"clicks": [], "box": [1, 2, 3]}), "bad_prompt"),
+        (_segment({"clicks": [], "box": "0,0,5,5"}), "bad_prompt"),
+        (_segment({"clicks": [], "box": [0, 0, 10**400, 5]}), "bad_prompt"),
+        (_segment("click here"), "bad_prompt"),
+        (_segment(previous_mask={"size": [100_000, 100_000], "counts": "0"}), "request_too_large"),
+        (_segment(previous_mask={"size": [10, 10], "counts": [1] * 1000}), "bad_prompt"),
+        (_segment(previous_mask={"size": [10, 10.5], "counts": "0"}), "bad_prompt"),
+        (_segment(previous_mask={"size": [10, 10], "counts": 5}), "bad_prompt"),
+        (_segment(previous_mask=[1, 2]), "bad_prompt"),
+    ],
+)
+def test_segment_jobs_are_bounded_before_anything_is_decoded(payload, code):
+    with pytest.raises(TapmaskError) as info:
+        SegmentJob.from_payload(payload)
+    assert info.value.code == code and 400 <= info.value.status < 500
+
+
+def test_job_bounds_follow_their_settings(monkeypatch):
+    payload = _segment({"clicks": [[1, 2, True]] * 5})
+    assert len(SegmentJob.from_payload(payload).prompt.clicks) == 5
+    monkeypatch.setenv("TAPMASK_MAX_CLICKS", "4")
+    with pytest.raises(TooManyClicks, match="TAPMASK_MAX_CLICKS"):
+        SegmentJob.from_payload(payload)
+    monkeypatch.setenv("TAPMASK_MAX_IMAGE_MB", "0.001")
+    with pytest.raises(ImageTooLarge, match="TAPMASK_MAX_IMAGE_MB"):
+        protocol.check_image_bytes(b"x" * 2000)
+    assert protocol.check_image_bytes(b"x" * 1000) == b"x" * 1000

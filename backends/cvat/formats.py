@@ -44,16 +44,21 @@ from typing import Any
 
 import numpy as np
 
+from backends import jsonbody
 from backends.errors import (
     BadEmbedding,
     BadRequest,
     EmptyMask,
     ImageError,
+    ImageTooLarge,
     PromptError,
+    RequestTooLarge,
     TapmaskError,
+    TooManyClicks,
 )
 from backends.masks import largest_polygon, mask_bbox, mask_to_cvat_crop_json
 from backends.prompts import Box, Click, Prompt, Segmentation
+from backends.settings import MAX_CLICKS, MAX_IMAGE_MB, MAX_REQUEST_MB, max_bytes
 
 #: The embedding the stock CVAT SAM plugin decodes: ``SamPredictor.get_image_embedding()`` of a
 #: ViT-H model, float32, 4 MiB.
@@ -80,23 +85,32 @@ class InteractorRequest:
 
 def request_data(body: Any) -> dict[str, Any]:
     """``event.body`` as a dict: nuclio hands over a dict only for ``Content-Type`` exactly
-    ``application/json``, raw bytes otherwise (``; charset=utf-8`` included)."""
+    ``application/json``, raw bytes otherwise (``; charset=utf-8`` included).
+
+    Bytes are parsed within the body limits (``TAPMASK_MAX_REQUEST_MB``, nesting, digits; see
+    ``backends.jsonbody``); a dict nuclio already parsed gets the nesting bound too.
+    """
     if isinstance(body, Mapping):
-        return dict(body)
+        data = dict(body)
+        jsonbody.check_depth(data)
+        return data
     if isinstance(body, (bytes, bytearray, memoryview)):
         raw = bytes(body)
     elif isinstance(body, str):
-        raw = body.encode("utf-8")
+        raw = body.encode("utf-8", "surrogatepass")
     elif body is None:
         raw = b""
     else:
         raise BadRequest(f"unsupported request body of type {type(body).__name__}")
+    limit = max_bytes(MAX_REQUEST_MB)
+    if len(raw) > limit:
+        raise RequestTooLarge(
+            f"request body of {len(raw)} bytes is over the {limit}-byte limit "
+            "(TAPMASK_MAX_REQUEST_MB)"
+        )
     if not raw.strip():
         raise BadRequest("empty request body: expected a JSON object")
-    try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"request body is not valid JSON: {exc}") from None
+    data = jsonbody.loads(raw)
     if not isinstance(data, dict):
         raise BadRequest(f"request body must be a JSON object, got {type(data).__name__}")
     return data
@@ -108,6 +122,12 @@ def decode_image(value: Any) -> bytes:
         raise BadRequest("missing 'image': expected the base64 of the image file")
     if not isinstance(value, str):
         raise BadRequest(f"'image' must be a base64 string, got {type(value).__name__}")
+    limit = max_bytes(MAX_IMAGE_MB)
+    if len(value) > limit // 3 * 4 + 4096:  # base64 is 4/3 of the file, plus slack for a prefix
+        raise ImageTooLarge(
+            f"'image' is {len(value)} base64 characters, over the {limit}-byte image limit "
+            "(TAPMASK_MAX_IMAGE_MB)"
+        )
     text = _WHITESPACE.sub("", _DATA_URL.sub("", value, count=1))
     try:
         data = base64.b64decode(text, validate=True)
@@ -115,22 +135,45 @@ def decode_image(value: Any) -> bytes:
         raise ImageError(f"'image' is not valid base64: {exc}") from None
     if not data:
         raise ImageError("'image' is empty")
+    if len(data) > limit:
+        raise ImageTooLarge(
+            f"'image' is {len(data)} bytes, over the {limit}-byte limit (TAPMASK_MAX_IMAGE_MB)"
+        )
     return data
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """``repr`` cut short for messages: a hostile value may be megabytes long."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
 
 
 def _number(value: Any, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise PromptError(f"{what}: coordinates must be numbers, got {value!r}")
-    number = float(value)
+        raise PromptError(f"{what}: coordinates must be numbers, got {_short(value)}")
+    try:
+        number = float(value)
+    except OverflowError:  # an integer too large for a float
+        number = math.inf
     if not math.isfinite(number):
-        raise PromptError(f"{what}: coordinates must be finite, got {value!r}")
+        raise PromptError(f"{what}: coordinates must be finite, got {_short(value)}")
     return number
 
 
 def _pair(value: Any, what: str) -> tuple[float, float]:
     if not isinstance(value, (list, tuple)) or len(value) != 2:
-        raise PromptError(f"{what}: expected [x, y], got {value!r}")
+        raise PromptError(f"{what}: expected [x, y], got {_short(value)}")
     return _number(value[0], what), _number(value[1], what)
+
+
+def check_click_count(*lists: Any) -> None:
+    """``TAPMASK_MAX_CLICKS`` over all point lists together, before any point is parsed."""
+    count = sum(len(v) for v in lists if isinstance(v, (list, tuple)))
+    limit = int(MAX_CLICKS)
+    if count > limit:
+        raise TooManyClicks(
+            f"{count} points (pos_points + neg_points); at most {limit} (TAPMASK_MAX_CLICKS)"
+        )
 
 
 def parse_points(value: Any, what: str, positive: bool) -> tuple[Click, ...]:
@@ -139,6 +182,7 @@ def parse_points(value: Any, what: str, positive: bool) -> tuple[Click, ...]:
         return ()
     if not isinstance(value, (list, tuple)):
         raise PromptError(f"'{what}' must be a list of [x, y] points, got {type(value).__name__}")
+    check_click_count(value)
     return tuple(
         Click(*_pair(point, f"{what}[{index}]"), positive) for index, point in enumerate(value)
     )
@@ -150,13 +194,13 @@ def parse_box(value: Any) -> Box | None:
     if value is None or (isinstance(value, (list, tuple)) and len(value) == 0):
         return None
     if not isinstance(value, (list, tuple)):
-        raise PromptError(f"'obj_bbox' must be [[x1, y1], [x2, y2]], got {value!r}")
+        raise PromptError(f"'obj_bbox' must be [[x1, y1], [x2, y2]], got {_short(value)}")
     if len(value) == 2:
         (xa, ya), (xb, yb) = _pair(value[0], "obj_bbox"), _pair(value[1], "obj_bbox")
     elif len(value) == 4:
         xa, ya, xb, yb = (_number(v, "obj_bbox") for v in value)
     else:
-        raise PromptError(f"'obj_bbox' must be [[x1, y1], [x2, y2]], got {value!r}")
+        raise PromptError(f"'obj_bbox' must be [[x1, y1], [x2, y2]], got {_short(value)}")
     return Box(min(xa, xb), min(ya, yb), max(xa, xb), max(ya, yb))
 
 
@@ -165,9 +209,9 @@ def parse_threshold(value: Any) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise BadRequest(f"'threshold' must be a number in [0, 1], got {value!r}")
-    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
-        raise BadRequest(f"'threshold' must be a number in [0, 1], got {value!r}")
+        raise BadRequest(f"'threshold' must be a number in [0, 1], got {_short(value)}")
+    if not 0.0 <= value <= 1.0:  # NaN fails too; a huge int compares without overflowing
+        raise BadRequest(f"'threshold' must be a number in [0, 1], got {_short(value)}")
     return float(value)
 
 
@@ -178,6 +222,7 @@ def parse_interactor_request(data: Mapping[str, Any]) -> InteractorRequest:
     if not isinstance(image, str):
         decode_image(image)  # raises the right error for a missing or non-string image
     # Cheap field checks before the base64 decode, which can be tens of megabytes.
+    check_click_count(data.get("pos_points"), data.get("neg_points"))
     positives = parse_points(data.get("pos_points"), "pos_points", True)
     negatives = parse_points(data.get("neg_points"), "neg_points", False)
     box = parse_box(data.get("obj_bbox"))

@@ -20,6 +20,10 @@ Configuration is environment only (``spec.env`` in ``function.yaml``):
     optional JSON object of extra model-factory options, e.g. ``{"max_size": 800}`` for RITM
     (tests pass a tiny SAM ``architecture`` this way).
 
+Limits (``TAPMASK_MAX_REQUEST_MB``, ``TAPMASK_MAX_JSON_DEPTH``, ``TAPMASK_MAX_NUMBER_DIGITS``,
+``TAPMASK_MAX_CLICKS``, ``TAPMASK_MAX_IMAGE_MB``, ``TAPMASK_MAX_PIXELS``; see
+``backends.settings``) are checked before the image is decoded; each answers its own 4xx.
+
 Errors never escape :func:`handler`: a ``TapmaskError`` answers its own 4xx/5xx status, anything
 else 500, always with a JSON ``{"error", "detail"}`` body, and the details are logged with
 ``context.logger.error_with`` because CVAT shows the user only the status. An error in
@@ -41,6 +45,7 @@ from backends import images
 from backends.cvat import formats
 from backends.dispatch import dispatcher_from_env
 from backends.errors import ModelLoadError, TapmaskError
+from backends.settings import check_limits
 
 ENV_MODEL = "TAPMASK_MODEL"
 ENV_MODE = "TAPMASK_CVAT_MODE"
@@ -92,6 +97,7 @@ def init_context(context: Any) -> None:
     """Load the model once per worker; keep the dispatcher on ``context.user_data``."""
     started = time.perf_counter()
     try:
+        check_limits()  # an unusable TAPMASK_MAX_* value fails the deploy, not each request
         settings = settings_from_env()
         if settings.mode == MODE_EMBEDDING and settings.model not in ("sam", "sam-vit_h"):
             context.logger.warn_with(

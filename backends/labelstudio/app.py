@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import logging
 import secrets
 import time
@@ -23,12 +22,13 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from backends import __version__
+from backends import __version__, jsonbody
 from backends.dispatch import Dispatcher
-from backends.errors import BadRequest, TapmaskError
+from backends.errors import RequestTooLarge, TapmaskError
 from backends.labelstudio.client import ImageClient
 from backends.labelstudio.metrics import Metrics
 from backends.labelstudio.service import LabelStudioService, Settings
+from backends.settings import check_limits
 
 __all__ = ["Settings", "create_app"]
 
@@ -47,6 +47,7 @@ def create_app(
     settings: Settings | None = None,
     image_client: ImageClient | None = None,
 ) -> FastAPI:
+    check_limits()  # an unusable TAPMASK_MAX_* value stops the server here, not per request
     service = LabelStudioService(dispatcher, settings, image_client)
     settings = service.settings
     metrics = Metrics(service.stats)
@@ -104,11 +105,21 @@ def create_app(
         )
 
     async def json_body(request: Request) -> Any:
-        raw = await request.body()
-        try:
-            return json.loads(raw or b"null")
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise BadRequest(f"request body is not valid JSON: {exc}") from exc
+        """The body as JSON (``None`` when empty), read up to the byte limit: a chunked body
+        has no Content-Length for the middleware to check. Parsed off the event loop, within
+        the nesting and digit limits of ``backends.jsonbody``."""
+        limit, total, chunks = settings.max_request_bytes, 0, []
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > limit:
+                raise RequestTooLarge(
+                    f"request body is over the {limit}-byte limit (TAPMASK_MAX_REQUEST_MB)"
+                )
+            chunks.append(chunk)
+        raw = b"".join(chunks)
+        if not raw.strip():
+            return None
+        return await run_in_threadpool(jsonbody.loads, raw)
 
     @app.get("/health")
     @app.get("/")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from xml.etree.ElementTree import Element
 
 from defusedxml import ElementTree
 
-from backends.errors import LabelConfigError
+from backends.errors import LabelConfigError, UnknownLabel
+
+log = logging.getLogger("tapmask.labelstudio")
 
 OUTPUT_TYPES = {"brushlabels": "BrushLabels", "polygonlabels": "PolygonLabels"}
 SMART_TYPES = {"keypointlabels", "rectanglelabels"}
@@ -61,11 +64,20 @@ class LabelConfig:
         return key
 
     def outputs_for(self, to_name: str, label: str | None) -> list[tuple[Control, str]]:
-        """Brush/polygon controls on image ``to_name`` that hold ``label``, with the label to use.
+        """The brush/polygon controls on image ``to_name`` to answer in, each with its label.
 
-        Label Studio drops errors from interactive calls silently, so when no output control
-        holds a label of the same name the clicked label goes into the first one on that image
-        (what Label Studio's own example backends do) rather than nothing happening.
+        A region never carries a label its control does not define (Label Studio would store
+        it, and show a label the project does not have). For the clicked ``label``:
+
+        1. the controls that define it, under that name;
+        2. else the controls that define it in other letter case (``object`` → ``Object``);
+        3. else the controls that define exactly one label, under that label (a one-label
+           project segments whatever the smart tool's label is called);
+        4. else ``UnknownLabel`` (422), naming the label and every control's labels.
+
+        Steps 2 and 3 log a warning: Label Studio shows the annotator no error, so the log is
+        where a mismatched config shows up. No label at all (old clients) takes the first label
+        of the first control.
         """
         outputs = [c for c in self.controls if c.type in OUTPUT_TYPES and c.to_name == to_name]
         if not outputs:
@@ -74,5 +86,38 @@ class LabelConfig:
             )
         if label is None:
             return [(outputs[0], outputs[0].labels[0])] if outputs[0].labels else []
-        matching = [(c, label) for c in outputs if label in c.labels]
-        return matching or [(outputs[0], label)]
+        exact = [(c, label) for c in outputs if label in c.labels]
+        if exact:
+            return exact
+        folded = label.casefold()
+        same_name = [
+            (c, matches[0])
+            for c in outputs
+            if len(matches := [v for v in c.labels if v.casefold() == folded]) == 1
+        ]
+        only_label = [(c, c.labels[0]) for c in outputs if len(c.labels) == 1]
+        chosen, why = (same_name, "the same name") if same_name else (only_label, "its only label")
+        if not chosen:
+            raise UnknownLabel(
+                f"label {_short(label)} is not defined by {_describe(outputs)}; add it there, "
+                "or give the smart tool's label the name of one of those"
+            )
+        log.warning(
+            "label %s is not defined by %s: answering %s (%s)",
+            _short(label),
+            _describe(outputs),
+            ", ".join(f"{c.name}={v!r}" for c, v in chosen),
+            why,
+        )
+        return chosen
+
+
+def _short(text: str, limit: int = 60) -> str:
+    return repr(text) if len(text) <= limit else repr(f"{text[:limit]}…")
+
+
+def _describe(controls: list[Control]) -> str:
+    return ", ".join(
+        f"{OUTPUT_TYPES[c.type]} {c.name!r} (labels: {', '.join(c.labels) or 'none'})"
+        for c in controls
+    )

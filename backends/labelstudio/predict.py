@@ -7,14 +7,15 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-import cv2
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from backends import masks
-from backends.errors import InvalidRequest, PromptError
-from backends.labelstudio.labelconfig import OUTPUT_TYPES, LabelConfig
+from backends.errors import InvalidRequest, PromptError, TooManyClicks, TooManyObjects
+from backends.labelstudio.frames import Frame, check_declared_size
+from backends.labelstudio.labelconfig import OUTPUT_TYPES, Control
 from backends.prompts import Box, Click, Prompt, Segmentation
+from backends.settings import MAX_CLICKS, MAX_OBJECTS
 
 
 class Params(BaseModel):
@@ -55,12 +56,22 @@ class ObjectRequest:
     original_height: int
 
 
+def _short(value: Any, limit: int = 60) -> str:
+    """``repr`` cut short for messages: a hostile value may be megabytes long."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
+
+
 def _number(value: Any, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InvalidRequest(f"{what} must be a number, got {value!r}")
-    if not math.isfinite(value):
-        raise InvalidRequest(f"{what} must be finite, got {value!r}")
-    return float(value)
+        raise InvalidRequest(f"{what} must be a number, got {_short(value)}")
+    try:
+        number = float(value)
+    except OverflowError:  # an integer too large for a float
+        number = math.inf
+    if not math.isfinite(number):
+        raise InvalidRequest(f"{what} must be finite, got {_short(value)}")
+    return number
 
 
 def _label_of(item: dict[str, Any]) -> str | None:
@@ -73,7 +84,11 @@ def _label_of(item: dict[str, Any]) -> str | None:
 
 
 def objects_from_context(context: dict[str, Any]) -> list[ObjectRequest]:
-    """Smart keypoints → one object; each smart rectangle → one object of its own."""
+    """Smart keypoints → one object; each smart rectangle → one object of its own.
+
+    The counts (``TAPMASK_MAX_OBJECTS``, ``TAPMASK_MAX_CLICKS``) and every declared size
+    (``TAPMASK_MAX_PIXELS``) are checked here, before any image is fetched.
+    """
     result = context.get("result")
     if not isinstance(result, list) or not result:
         raise InvalidRequest("params.context.result must be a non-empty list of regions")
@@ -89,9 +104,19 @@ def objects_from_context(context: dict[str, Any]) -> list[ObjectRequest]:
             rectangles.append(item)
         else:
             raise InvalidRequest(
-                f"context.result[{index}] has type {kind!r}; smart tools send keypointlabels "
-                "or rectanglelabels"
+                f"context.result[{index}] has type {_short(kind)}; smart tools send "
+                "keypointlabels or rectanglelabels"
             )
+    max_objects, max_clicks = int(MAX_OBJECTS), int(MAX_CLICKS)
+    if len(rectangles) + bool(keypoints) > max_objects:
+        raise TooManyObjects(
+            f"{len(rectangles) + bool(keypoints)} objects in one request (each smart rectangle "
+            f"is one, all keypoints together one); at most {max_objects} (TAPMASK_MAX_OBJECTS)"
+        )
+    if len(keypoints) > max_clicks:
+        raise TooManyClicks(
+            f"{len(keypoints)} keypoints on one object; at most {max_clicks} (TAPMASK_MAX_CLICKS)"
+        )
     objects: list[ObjectRequest] = []
     if keypoints:
         first = keypoints[0]
@@ -110,24 +135,31 @@ def _object(item: dict[str, Any], prompt: list[tuple[str, dict[str, Any], bool]]
     height = _number(item.get("original_height"), "original_height")
     if width < 1 or height < 1:
         raise InvalidRequest("original_width/original_height must be positive")
+    width, height = round(width), round(height)
+    check_declared_size(width, height)
     to_name = item.get("to_name")
     if not isinstance(to_name, str) or not to_name:
         raise InvalidRequest("region has no to_name")
-    return ObjectRequest(to_name, _label_of(item), prompt, round(width), round(height))
+    return ObjectRequest(to_name, _label_of(item), prompt, width, height)
 
 
-def to_prompt(obj: ObjectRequest, width: int, height: int) -> Prompt:
-    """Percent coordinates → pixels of the decoded image (pixel centres at integers)."""
+def to_prompt(obj: ObjectRequest, frame: Frame) -> Prompt:
+    """Percent of the declared frame → pixels of the decoded image (pixel centres at integers).
+
+    Rectangles are rotated in the declared frame's pixels (Label Studio rotates around the
+    top-left corner) and become the bounding box of their corners on the decoded image.
+    """
     clicks: list[Click] = []
     box: Box | None = None
     for kind, value, positive in obj.prompt_pct:
-        x = _number(value.get("x"), f"{kind} x") / 100.0 * width
-        y = _number(value.get("y"), f"{kind} y") / 100.0 * height
+        x = _number(value.get("x"), f"{kind} x") / 100.0 * frame.width
+        y = _number(value.get("y"), f"{kind} y") / 100.0 * frame.height
         if kind == "keypoint":
-            clicks.append(Click(x - 0.5, y - 0.5, positive))
+            px, py = frame.point(x, y)
+            clicks.append(Click(px - 0.5, py - 0.5, positive))
             continue
-        w = _number(value.get("width"), "rectangle width") / 100.0 * width
-        h = _number(value.get("height"), "rectangle height") / 100.0 * height
+        w = _number(value.get("width"), "rectangle width") / 100.0 * frame.width
+        h = _number(value.get("height"), "rectangle height") / 100.0 * frame.height
         if w < 0 or h < 0:
             raise PromptError("rectangle width/height must not be negative")
         corners = np.array([[0, 0], [w, 0], [w, h], [0, h]], dtype=np.float64)
@@ -137,7 +169,7 @@ def to_prompt(obj: ObjectRequest, width: int, height: int) -> Prompt:
                 [[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]]
             )
             corners = corners @ rot.T
-        corners += (x, y)
+        corners = np.array([frame.point(cx + x, cy + y) for cx, cy in corners])
         x1, y1 = corners.min(axis=0)
         x2, y2 = corners.max(axis=0)
         box = Box(x1, y1, max(x1, x2 - 1.0), max(y1, y2 - 1.0))
@@ -151,21 +183,20 @@ def _region_id(*parts: Any) -> str:
 def regions(
     seg: Segmentation,
     obj: ObjectRequest,
-    config: LabelConfig,
+    outputs: list[tuple[Control, str]],
+    frame: Frame,
     *,
     task_id: Any,
     prompt: Prompt,
     polygon_tolerance: float = 1.0,
 ) -> list[dict[str, Any]]:
-    """The regions Label Studio renders for one segmented object: brush and/or polygon."""
-    width, height = obj.original_width, obj.original_height
-    mask = seg.mask
-    if mask.shape != (height, width):
-        # Label Studio reports another natural size than the file decodes to: draw at its size.
-        mask = cv2.resize(mask.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST)
-        mask = mask.astype(bool)
+    """The regions Label Studio renders for one segmented object: brush and/or polygon, one per
+    ``(control, label)`` of ``outputs`` (``LabelConfig.outputs_for``), drawn at the declared
+    size (``frame``)."""
+    width, height = frame.width, frame.height
+    mask = frame.mask(seg.mask)
     out: list[dict[str, Any]] = []
-    for control, label in config.outputs_for(obj.to_name, obj.label):
+    for control, label in outputs:
         base = {
             "id": _region_id(task_id, control.name, label, prompt.key()),
             "from_name": control.name,

@@ -21,8 +21,9 @@ from pydantic import ValidationError
 from backends import __version__, images
 from backends.dispatch import Dispatcher
 from backends.errors import EmptyMask, InvalidRequest, TapmaskError
-from backends.labelstudio.client import Credentials, ImageClient
-from backends.labelstudio.labelconfig import LabelConfig
+from backends.labelstudio.client import Credentials, ImageClient, check_url
+from backends.labelstudio.frames import frame_for
+from backends.labelstudio.labelconfig import Control, LabelConfig
 from backends.labelstudio.predict import (
     ObjectRequest,
     PredictRequest,
@@ -30,7 +31,7 @@ from backends.labelstudio.predict import (
     regions,
     to_prompt,
 )
-from backends.settings import model_name
+from backends.settings import MAX_REQUEST_MB, PREFETCH_QUEUE, max_bytes, model_name
 
 log = logging.getLogger("tapmask.labelstudio")
 
@@ -47,10 +48,9 @@ class Settings:
     basic_auth_user: str | None = field(default_factory=lambda: _env("BASIC_AUTH_USER"))
     basic_auth_pass: str | None = field(default_factory=lambda: _env("BASIC_AUTH_PASS"))
     # Label Studio sends every annotation and prediction of a task (with their RLEs) along.
-    max_request_bytes: int = field(
-        default_factory=lambda: int(float(os.environ.get("TAPMASK_MAX_REQUEST_MB", 256)) * 2**20)
-    )
+    max_request_bytes: int = field(default_factory=lambda: max_bytes(MAX_REQUEST_MB))
     prefetch_threads: int = 2
+    prefetch_queue: int = field(default_factory=lambda: int(PREFETCH_QUEUE))
     polygon_tolerance: float = 1.0
 
     @property
@@ -104,6 +104,7 @@ class LabelStudioService:
         self._prefetcher = ThreadPoolExecutor(
             self.settings.prefetch_threads, thread_name_prefix="ls-prefetch"
         )
+        self._prefetches = threading.BoundedSemaphore(self.settings.prefetch_queue)
 
     def close(self) -> None:
         self._prefetcher.shutdown(wait=False, cancel_futures=True)
@@ -118,9 +119,21 @@ class LabelStudioService:
     def setup(self, body: Any) -> dict[str, Any]:
         if not isinstance(body, dict):
             raise InvalidRequest("/setup expects a JSON object")
-        self.projects.remember(
-            project_id(body.get("project")), body.get("hostname"), body.get("access_token")
-        )
+        hostname, token = body.get("hostname"), body.get("access_token")
+        if hostname is not None and not isinstance(hostname, str):
+            raise InvalidRequest("/setup: hostname must be a string")
+        if hostname:
+            check_url(hostname)
+            if not hostname.lower().startswith(("http://", "https://")):
+                raise InvalidRequest("/setup: hostname must be an http(s) address")
+        if token is not None and not (
+            isinstance(token, str) and token.isascii() and token.isprintable()
+        ):
+            raise InvalidRequest("/setup: access_token must be printable ASCII")
+        project = body.get("project")
+        if project is not None and not isinstance(project, (str, int)):
+            raise InvalidRequest("/setup: project must be a string")
+        self.projects.remember(project_id(project), hostname, token)
         return {"model_version": self.settings.model_version}
 
     def predict(self, payload: Any) -> dict[str, Any]:
@@ -133,11 +146,14 @@ class LabelStudioService:
             # Nothing to show yet: an empty list stores no junk prediction in Label Studio.
             return {"results": []}
         task = request.tasks[0]
+        # Everything the request controls is checked before the first download: counts and
+        # declared sizes (objects_from_context), image URLs and labels (_plan).
+        planned = [self._plan(task, obj, config, creds) for obj in objects_from_context(context)]
         results: list[dict[str, Any]] = []
         empty: list[EmptyMask] = []
-        for obj in objects_from_context(context):
+        for obj, url, outputs in planned:
             try:
-                results.extend(self._segment_object(task, obj, config, creds))
+                results.extend(self._segment_object(task, obj, url, outputs, creds))
             except EmptyMask as exc:  # one box over nothing must not lose the other objects
                 empty.append(exc)
         if not results:
@@ -169,23 +185,49 @@ class LabelStudioService:
             raise InvalidRequest(f"task {task.get('id')} has no image URL in data.{key}")
         return data[key]
 
-    def _segment_object(
+    def _plan(
         self, task: dict[str, Any], obj: ObjectRequest, config: LabelConfig, creds: Credentials
+    ) -> tuple[ObjectRequest, str, list[tuple[Control, str]]]:
+        """An object's image URL (checked, not fetched) and output controls, or a 4xx."""
+        url = self._task_image(task, config, obj.to_name)
+        if url[:5].lower() != "data:":
+            self.client.resolve(url, creds)
+        return obj, url, config.outputs_for(obj.to_name, obj.label)
+
+    def _segment_object(
+        self,
+        task: dict[str, Any],
+        obj: ObjectRequest,
+        url: str,
+        outputs: list[tuple[Control, str]],
+        creds: Credentials,
     ) -> list[dict[str, Any]]:
         settings = self.settings
-        url = self._task_image(task, config, obj.to_name)
         started = time.perf_counter()
         image = self.client.fetch(url, creds)
         fetched = time.perf_counter()
+        *_, orientation = images.header(image)
         height, width = images.size(image)
-        prompt = to_prompt(obj, width, height)
+        frame = frame_for(obj.original_width, obj.original_height, height, width, orientation)
+        if frame.kind != "same":
+            log.info(
+                "task %s: Label Studio declares %dx%d for a %dx%d image (%s frame)",
+                task.get("id"),
+                frame.width,
+                frame.height,
+                width,
+                height,
+                frame.kind,
+            )
+        prompt = to_prompt(obj, frame)
         seg = self.dispatcher.segment(settings.model, image, prompt)
         if seg.area == 0:
             raise EmptyMask(f"{settings.model} found no object for these clicks")
         out = regions(
             seg,
             obj,
-            config,
+            outputs,
+            frame,
             task_id=task.get("id"),
             prompt=prompt,
             polygon_tolerance=settings.polygon_tolerance,
@@ -212,6 +254,14 @@ class LabelStudioService:
                 except TapmaskError as exc:
                     log.info("task %s: nothing to prefetch (%s)", task.get("id"), exc)
                     continue
+                if not self._prefetches.acquire(blocking=False):
+                    log.info(
+                        "task %s: not prefetched, %d prefetches are waiting already "
+                        "(TAPMASK_PREFETCH_QUEUE)",
+                        task.get("id"),
+                        self.settings.prefetch_queue,
+                    )
+                    continue
                 self._prefetcher.submit(self._prefetch_one, task.get("id"), url, creds)
 
     def _prefetch_one(self, task_id: Any, url: str, creds: Credentials) -> None:
@@ -219,3 +269,5 @@ class LabelStudioService:
             self.dispatcher.prefetch(self.settings.model, self.client.fetch(url, creds))
         except Exception as exc:  # background work: log, never raise
             log.warning("task %s: prefetch failed: %s", task_id, exc)
+        finally:
+            self._prefetches.release()

@@ -28,6 +28,7 @@ from backends.errors import ImageError, TapmaskError, Timeout, Unavailable, Unkn
 from backends.images import sha256
 from backends.redis import protocol
 from backends.redis.protocol import ExportJob, Keys, PrefetchJob, SegmentJob, error_reply
+from backends.settings import check_limits
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +50,13 @@ _runtime: WorkerRuntime | None = None
 
 
 def install(runtime: WorkerRuntime | None) -> None:
-    """Make ``runtime`` the one the job functions of this process use."""
+    """Make ``runtime`` the one the job functions of this process use.
+
+    An unusable limit setting (``TAPMASK_MAX_CLICKS=lots``) stops the worker here, at start-up.
+    """
     global _runtime
+    if runtime is not None:
+        check_limits()
     _runtime = runtime
 
 
@@ -61,6 +67,7 @@ def image_ref(rt: WorkerRuntime, key: str) -> bytes | str:
     data = rt.connection.get(rt.keys.image(key))
     if data is None:
         raise UnknownImage(f"image {key[:12]}… is not in Redis (expired or evicted); resend it")
+    protocol.check_image_bytes(data)
     if sha256(data) != key:
         raise ImageError(f"the bytes stored under image {key[:12]}… do not match their hash")
     return data

@@ -13,7 +13,10 @@ A click travels as a small JSON job (rq ``JSONSerializer``; nothing is ever pick
   ``{"ok": false, "error": code, "status": http status, "detail": text}``, which
   ``error_from_reply`` turns back into the same ``TapmaskError`` class.
 
-Everything a job carries is checked here, on the worker side, before any work starts.
+Everything a job carries is checked here, on the worker side, before any work starts, within
+the same documented limits the front ends apply (``backends.settings``): clicks per job
+(``TAPMASK_MAX_CLICKS``), a previous mask's pixels (``TAPMASK_MAX_PIXELS``, before it is decoded)
+and the image bytes read from Redis (``TAPMASK_MAX_IMAGE_MB``).
 """
 
 from __future__ import annotations
@@ -26,14 +29,18 @@ import numpy as np
 
 from backends import masks
 from backends.errors import (
+    ImageTooLarge,
     InvalidRequest,
     ModelNotFound,
     PromptError,
+    RequestTooLarge,
     TapmaskError,
+    TooManyClicks,
     WorkerReplyError,
     error_class,
 )
 from backends.prompts import Prompt, Segmentation
+from backends.settings import MAX_CLICKS, MAX_IMAGE_MB, MAX_PIXELS, max_bytes
 
 PROTOCOL_VERSION = 1
 
@@ -133,6 +140,61 @@ def check_image_key(key: Any) -> str:
     return key
 
 
+def check_image_bytes(data: bytes) -> bytes:
+    """Image bytes read from Redis, within ``TAPMASK_MAX_IMAGE_MB``."""
+    limit = max_bytes(MAX_IMAGE_MB)
+    if len(data) > limit:
+        raise ImageTooLarge(
+            f"the job's image is {len(data)} bytes, over the {limit}-byte limit "
+            "(TAPMASK_MAX_IMAGE_MB)"
+        )
+    return data
+
+
+def _check_prompt(prompt: Any) -> dict[str, Any]:
+    """The shape and counts of a job's prompt, before ``Prompt.from_dict`` touches a value."""
+    if not isinstance(prompt, dict):
+        raise PromptError("the job has no prompt")
+    clicks = prompt.get("clicks", [])
+    if not isinstance(clicks, list):
+        raise PromptError("the job's clicks must be a list of [x, y, positive]")
+    limit = int(MAX_CLICKS)
+    if len(clicks) > limit:
+        raise TooManyClicks(
+            f"the job has {len(clicks)} clicks; at most {limit} (TAPMASK_MAX_CLICKS)"
+        )
+    box = prompt.get("box")
+    if box is not None and (not isinstance(box, list) or len(box) != 4):
+        raise PromptError("the job's box must be [x1, y1, x2, y2] or null")
+    return prompt
+
+
+def _previous_mask(rle: Any) -> np.ndarray:
+    """A job's previous mask (COCO RLE), its size checked against ``TAPMASK_MAX_PIXELS`` and
+    its counts against that size before anything is decoded."""
+    if not isinstance(rle, dict):
+        raise PromptError("previous_mask must be COCO RLE: {size: [h, w], counts}")
+    size, counts = rle.get("size"), rle.get("counts")
+    if (
+        not isinstance(size, list)
+        or len(size) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)
+    ):
+        raise PromptError(f"previous_mask size must be [height, width], got {str(size)[:80]}")
+    pixels, limit = size[0] * size[1], int(MAX_PIXELS)
+    if pixels > limit:
+        raise RequestTooLarge(
+            f"previous_mask is {size[0]}×{size[1]}, over the {limit}-pixel limit "
+            "(TAPMASK_MAX_PIXELS)"
+        )
+    if not isinstance(counts, (str, list)) or len(counts) > 8 * (pixels + 1):
+        raise PromptError("previous_mask counts must be a string or a list of runs")
+    try:
+        return masks.coco_rle_to_mask(rle)
+    except (ValueError, TypeError, KeyError, OverflowError) as exc:
+        raise PromptError(f"previous_mask: {str(exc)[:200]}") from exc
+
+
 def check_export_dtype(dtype: Any) -> str:
     if dtype not in EXPORT_DTYPES:
         raise InvalidRequest(f"unsupported export dtype {str(dtype)[:40]!r}: {EXPORT_DTYPES}")
@@ -174,15 +236,9 @@ class SegmentJob:
     def from_payload(cls, data: Any) -> SegmentJob:
         data = _request_dict(data)
         model, image = check_model_name(data.get("model")), check_image_key(data.get("image"))
-        prompt = data.get("prompt")
-        if not isinstance(prompt, dict):
-            raise PromptError("the job has no prompt")
-        parsed = Prompt.from_dict(prompt)
+        parsed = Prompt.from_dict(_check_prompt(data.get("prompt")))
         if data.get("previous_mask") is not None:
-            try:
-                previous = masks.coco_rle_to_mask(data["previous_mask"])
-            except (ValueError, TypeError, KeyError) as exc:
-                raise PromptError(f"previous_mask: {exc}") from exc
+            previous = _previous_mask(data["previous_mask"])
             parsed = Prompt(parsed.clicks, parsed.box, previous)
         return cls(model, image, parsed)
 
