@@ -23,127 +23,33 @@ from label_studio_sdk.converter.brush import decode_rle
 
 from backends.evaluation.clicker import ground_truth_from_label, iou, next_click
 from tests.conftest import REPO
-from tests.support.processes import free_port
+from tests.support.label_studio import (
+    TOKEN,
+    LabelStudio,
+    label_studio_server,
+    start_backend,
+    stop,
+)
 
-LS_BIN = Path(os.environ.get("TAPMASK_LABEL_STUDIO", REPO / ".venv-labelstudio/bin/label-studio"))
 # The labeling config users copy from the README: the test proves that one works.
 CONFIG = (
     (REPO / "README.md").read_text().split("<!-- labeling-config -->\n```xml\n")[1].split("```")[0]
 )
-TOKEN = "e2e-legacy-token-0123456789"
-
-
-def _wait(url: str, process: subprocess.Popen, seconds: float) -> None:
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{url}: process exited with {process.returncode}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{url} did not come up within {seconds} s")
-
-
-def _stop(process: subprocess.Popen) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-
-
-@dataclass
-class LabelStudio:
-    url: str
-    headers: dict[str, str]
-
-    def api(self, method: str, path: str, **kw) -> httpx.Response:
-        return httpx.request(method, self.url + path, headers=self.headers, timeout=120, **kw)
 
 
 @pytest.fixture(scope="module")
 def label_studio(tmp_path_factory) -> Iterator[LabelStudio]:
-    assert LS_BIN.exists(), f"{LS_BIN} missing: `make test` installs Label Studio 1.23.2 there"
-    port = free_port()
-    data_dir = tmp_path_factory.mktemp("ls-data")
-    env = {
-        **os.environ,
-        "LABEL_STUDIO_BASE_DATA_DIR": str(data_dir),
-        "LABEL_STUDIO_ML_BLOCK_LOCAL_IP": "false",
-        "LABEL_STUDIO_SSRF_PROTECTION_ENABLED": "false",
-        "COLLECT_ANALYTICS": "false",
-        "LATEST_VERSION_CHECK": "false",
-        "SENTRY_DSN": "",
-        "FRONTEND_SENTRY_DSN": "",
-        "fflag_feat_utc_210_prediction_validation_15082025": "true",
-    }
-    log = (data_dir / "label-studio.log").open("w")
-    process = subprocess.Popen(
-        [
-            str(LS_BIN),
-            "start",
-            "--no-browser",
-            "--internal-host",
-            "127.0.0.1",
-            "-p",
-            str(port),
-            "--username",
-            "admin@example.com",
-            "--password",
-            "e2e-password-123",
-            "--user-token",
-            TOKEN,
-            "--enable-legacy-api-token",
-        ],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        cwd=data_dir,
-    )
-    try:
-        _wait(f"http://127.0.0.1:{port}/health", process, 300)
-        yield LabelStudio(f"http://127.0.0.1:{port}", {"Authorization": f"Token {TOKEN}"})
-    finally:
-        _stop(process)
-        log.close()
-
-
-def _backend(
-    env_extra: dict[str, str], model_args: tuple[str, ...] = ("--model", "grabcut")
-) -> tuple[str, subprocess.Popen]:
-    port = free_port()
-    env = {**os.environ, **env_extra}
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "backends.cli",
-            "serve",
-            "labelstudio",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            *model_args,
-        ],
-        cwd=REPO,
-        env=env,
-    )
-    url = f"http://127.0.0.1:{port}"
-    _wait(url + "/health", process, 60)
-    return url, process
+    with label_studio_server(tmp_path_factory.mktemp("ls-data")) as ls:
+        yield ls
 
 
 @pytest.fixture(scope="module")
 def backend() -> Iterator[str]:
-    url, process = _backend({"LABEL_STUDIO_URL": "", "LABEL_STUDIO_API_KEY": ""})
+    url, process = start_backend({"LABEL_STUDIO_URL": "", "LABEL_STUDIO_API_KEY": ""})
     try:
         yield url
     finally:
-        _stop(process)
+        stop(process)
 
 
 @dataclass
@@ -335,7 +241,9 @@ def test_personal_access_token_with_legacy_tokens_disabled(label_studio, grabcut
     settings = {"api_tokens_enabled": True, "legacy_api_tokens_enabled": False}
     response = bearer.api("POST", "/api/jwt/settings", json=settings)
     assert response.status_code in (200, 201), response.text
-    url, process = _backend({"LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": pat})
+    url, process = start_backend(
+        {"LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": pat}
+    )
     try:
         # Label Studio's /setup still pushes the (now refused) legacy token: the PAT must win.
         pat_project = _project(bearer, url, grabcut_dir)
@@ -343,7 +251,7 @@ def test_personal_access_token_with_legacy_tokens_disabled(label_studio, grabcut
         regions = _interact(bearer, pat_project, [_keypoint(*_pct(row, col), True, 0)])
         assert _brush_mask(regions)[row, col]
     finally:
-        _stop(process)
+        stop(process)
         bearer.api(
             "POST", "/api/jwt/settings", json={**settings, "legacy_api_tokens_enabled": True}
         )
@@ -359,7 +267,7 @@ def test_edgetam_through_label_studio(label_studio, grabcut_dir, edgetam_dir):
     """The CPU-class SAM 2 served to the real Label Studio (random weights: the mask is not
     meaningful, the protocol is: a visible brush of the natural size and a polygon)."""
     args = ("--model", "edgetam", "--checkpoint", str(edgetam_dir), "--device", "cpu")
-    url, process = _backend({"LABEL_STUDIO_URL": "", "LABEL_STUDIO_API_KEY": ""}, args)
+    url, process = start_backend({"LABEL_STUDIO_URL": "", "LABEL_STUDIO_API_KEY": ""}, args)
     try:
         edgetam_project = _project(label_studio, url, grabcut_dir)
         row, col, _ = next_click(edgetam_project.gt, np.zeros(edgetam_project.gt.shape, bool))
@@ -370,4 +278,4 @@ def test_edgetam_through_label_studio(label_studio, grabcut_dir, edgetam_dir):
         assert {r["type"] for r in regions} == {"brushlabels", "polygonlabels"}
         assert all(r["value"].get("brushlabels", r["value"].get("polygonlabels")) for r in regions)
     finally:
-        _stop(process)
+        stop(process)
