@@ -4,6 +4,8 @@ from pathlib import Path
 
 import pytest
 
+from backends.models import sizes
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 GRABCUT = SHARED / "datasets" / "GrabCut"
@@ -15,20 +17,7 @@ def grabcut_dir() -> Path:
     return GRABCUT
 
 
-# A SAM with the official prompt encoder / mask decoder structure and 1024 input (so low-res
-# logits are 256×256 and the ResizeLongestSide transform is the real one), every width and depth
-# shrunk so a forward pass takes milliseconds on a CPU.
-TINY_SAM = {
-    "encoder_embed_dim": 32,
-    "encoder_depth": 1,
-    "encoder_num_heads": 1,
-    "encoder_global_attn_indexes": (),
-    "prompt_embed_dim": 32,
-    "decoder_depth": 1,
-    "decoder_mlp_dim": 64,
-    "decoder_num_heads": 2,
-    "iou_head_hidden_dim": 32,
-}
+TINY_SAM = sizes.TINY_SAM  # tests import it from here
 
 
 @pytest.fixture(scope="session")

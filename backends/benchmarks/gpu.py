@@ -25,16 +25,17 @@ import gc
 import json
 import os
 import platform
-import shutil
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
+from backends.benchmarks.gpu_rows import ModelRow, Report, ThroughputRow, WorkerRow, render
 from backends.models.registry import ModelSpec, register
+from backends.models.sizes import TINY_SAM
 from backends.prompts import Click, Prompt
 
 MiB = float(1 << 20)
@@ -56,19 +57,6 @@ MODELS = (
 BATCHED = ("sam-vit_h", "sam2.1-hiera-tiny", "edgetam")
 WORKER_MODEL = "bench-sam-vit_b"
 
-#: ``--quick``: a SAM whose every width is tiny (milliseconds per pass on a CPU).
-TINY_SAM = {
-    "encoder_embed_dim": 32,
-    "encoder_depth": 1,
-    "encoder_num_heads": 1,
-    "encoder_global_attn_indexes": (),
-    "prompt_embed_dim": 32,
-    "decoder_depth": 1,
-    "decoder_mlp_dim": 64,
-    "decoder_num_heads": 2,
-    "iou_head_hidden_dim": 32,
-}
-
 # The worker row's model, registered when a worker imports this module (``--plugin``).
 register(
     ModelSpec(
@@ -88,49 +76,6 @@ register(
         kwargs=(("random_weights", True), ("architecture", TINY_SAM)),
     )
 )
-
-
-@dataclass
-class ModelRow:
-    model: str
-    precision: str
-    weights_mib: float = float("nan")
-    encode_ms: float = float("nan")
-    encode_peak_mib: float = float("nan")
-    embedding_mib: float = float("nan")
-    click_p50_ms: float = float("nan")
-    click_p99_ms: float = float("nan")
-    note: str = ""
-
-
-@dataclass
-class ThroughputRow:
-    model: str
-    batch: int
-    one_by_one_per_s: float
-    batched_per_s: float
-    max_difference: float  # largest |batched - one by one| over the embedding values
-
-
-@dataclass
-class WorkerRow:
-    model: str
-    in_process_p50_ms: float
-    in_process_p99_ms: float
-    worker_p50_ms: float
-    worker_p99_ms: float
-    note: str = ""
-
-
-@dataclass
-class Report:
-    device: str
-    when: str
-    environment: dict[str, str]
-    frame: tuple[int, int] = (1080, 1920)
-    models: list[ModelRow] = field(default_factory=list)
-    throughput: list[ThroughputRow] = field(default_factory=list)
-    worker: list[WorkerRow] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -320,99 +265,6 @@ def measure_throughput(name: str, device: str, p: Plan) -> ThroughputRow:
     return ThroughputRow(name, p.batch, p.batch / one, p.batch / batched, difference)
 
 
-def _redis_server() -> str | None:
-    return os.environ.get("TAPMASK_REDIS_SERVER") or shutil.which("redis-server")
-
-
-def measure_worker(device: str, p: Plan) -> WorkerRow | None:
-    """Cached clicks through a real worker process and Redis on this device, vs in-process."""
-    from backends.benchmarks.redis_procs import RedisServer, WorkerProcess
-    from backends.engine import Engine
-    from backends.images import encode_png
-    from backends.models import registry
-    from backends.redis.dispatcher import RedisDispatcher
-
-    binary = _redis_server()
-    if binary is None:
-        return None
-    height, width = p.frame
-    png = encode_png(_frame(height, width, 7))
-    prompts = _clicks(width, height, p.clicks, seed=3)
-
-    def timed(segment: Any) -> list[float]:
-        segment(prompts[0])  # the encode
-        times = []
-        for prompt in prompts[1:]:
-            started = time.perf_counter()
-            segment(prompt)
-            times.append(time.perf_counter() - started)
-        return times
-
-    model = p.worker_model
-    local = Engine({model: registry.create(model, device=device)})
-    in_process = timed(lambda prompt, engine=local: engine.segment(model, png, prompt))
-    del local
-    gc.collect()
-    with RedisServer(binary=binary) as server:
-        worker = WorkerProcess(
-            server.url,
-            [model],
-            name="bench-gpu",
-            plugins=["backends.benchmarks.gpu"],
-            extra_args=["--device", device],
-        )
-        try:
-            worker.wait_ready(server.client(), timeout=300)
-            dispatcher = RedisDispatcher(server.url, job_timeout=120, queue_ttl=30)
-            through = timed(lambda prompt: dispatcher.segment(model, png, prompt))
-            dispatcher.close()
-        finally:
-            worker.stop()
-    return WorkerRow(
-        model,
-        _percentile(in_process, 50) * 1000,
-        _percentile(in_process, 99) * 1000,
-        _percentile(through, 50) * 1000,
-        _percentile(through, 99) * 1000,
-        note=f"{len(through)} cached clicks each, {width}×{height} frame",
-    )
-
-
-def check_out_of_memory(device: str) -> str:
-    """A real CUDA out-of-memory during a click: the Engine answers 503 and serves the next one.
-
-    Takes nearly all free device memory, asks for an encode (which cannot fit), releases the
-    memory, and asks again. CUDA only: a CPU cannot be made to run out of memory safely.
-    """
-    import torch
-
-    from backends.engine import Engine
-    from backends.errors import DeviceOutOfMemory
-    from backends.images import encode_png
-
-    if not device.startswith("cuda"):
-        return "out-of-memory check: CUDA only (tested on the CPU with an injected fault)"
-    engine = Engine({"sam": _build("sam-vit_b", "bf16", device, {})})
-    png = encode_png(_frame(1080, 1920, 11))
-    prompt = Prompt((Click(960.0, 540.0),))
-    torch.cuda.empty_cache()  # what the allocator holds would otherwise still serve the encode
-    free, _ = torch.cuda.mem_get_info()
-    hog = torch.empty(int(free) - (16 << 20), dtype=torch.uint8, device=device)
-    try:
-        engine.segment("sam", png, prompt)
-        outcome = "no out-of-memory happened (the hog was too small)"
-    except DeviceOutOfMemory as exc:
-        outcome = f"{exc.status} {exc.code}"
-    finally:
-        del hog
-        torch.cuda.empty_cache()
-    served = engine.segment("sam", png, prompt)
-    return (
-        f"out-of-memory check: first click answered {outcome}; after freeing, the next click "
-        f"was served ({served.area} px), out_of_memory={engine.stats.out_of_memory}"
-    )
-
-
 # --------------------------------------------------------------------------------------------
 # Running and printing
 
@@ -473,6 +325,8 @@ def run(
         except Exception as exc:
             _log(f"{name} batched encodes failed: {exc}")
     if worker:
+        from backends.benchmarks.gpu_serving import measure_worker
+
         _log("clicks through a worker …")
         try:
             row = measure_worker(device, p)
@@ -483,50 +337,6 @@ def run(
         else:
             _log("no redis-server here: the worker row is left out")
     return report
-
-
-def _num(value: float, digits: int = 1) -> str:
-    return "–" if value != value else f"{value:,.{digits}f}"
-
-
-def render(report: Report) -> str:
-    env = ", ".join(f"{k} {v}" for k, v in report.environment.items())
-    lines = [
-        f"Device `{report.device}` ({env}), {report.when}; random weights, "
-        f"{report.frame[1]}×{report.frame[0]} frame.",
-        "",
-        "| model | precision | weights MiB | encode ms | encode peak MiB | embedding MiB "
-        "| cached click p50 ms | p99 ms | note |",
-        "|---|---|--:|--:|--:|--:|--:|--:|---|",
-    ]
-    for r in report.models:
-        lines.append(
-            f"| `{r.model}` | {r.precision} | {_num(r.weights_mib)} | {_num(r.encode_ms)} | "
-            f"{_num(r.encode_peak_mib)} | {_num(r.embedding_mib, 2)} | {_num(r.click_p50_ms)} | "
-            f"{_num(r.click_p99_ms)} | {r.note} |"
-        )
-    if report.throughput:
-        lines += [
-            "",
-            "| encode throughput | batch | one by one img/s | batched img/s | gain "
-            "| max abs difference |",
-            "|---|--:|--:|--:|--:|--:|",
-        ]
-        for t in report.throughput:
-            gain = t.batched_per_s / t.one_by_one_per_s if t.one_by_one_per_s else float("nan")
-            lines.append(
-                f"| `{t.model}` | {t.batch} | {_num(t.one_by_one_per_s, 2)} | "
-                f"{_num(t.batched_per_s, 2)} | {_num(gain, 2)}× | {t.max_difference:.2g} |"
-            )
-    for w in report.worker:
-        lines += [
-            "",
-            "| cached click | in-process p50 ms | p99 ms | Redis + worker p50 ms | p99 ms |",
-            "|---|--:|--:|--:|--:|",
-            f"| `{w.model}` ({w.note}) | {_num(w.in_process_p50_ms)} | "
-            f"{_num(w.in_process_p99_ms)} | {_num(w.worker_p50_ms)} | {_num(w.worker_p99_ms)} |",
-        ]
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -556,6 +366,8 @@ def run_command(args: argparse.Namespace) -> int:
     report = run(args.device, quick=args.quick, worker=not args.no_worker, only=only)
     print(render(report))
     if args.check_oom:
+        from backends.benchmarks.gpu_serving import check_out_of_memory
+
         print()
         print(check_out_of_memory(args.device))
     if args.json:

@@ -195,6 +195,22 @@ HIERA_SIZES: dict[str, HieraSize] = {
 }
 
 
+#: A SAM with the official prompt encoder / mask decoder structure and 1024 input (so low-res
+#: logits are 256×256 and the ResizeLongestSide transform is the real one), every width and
+#: depth shrunk so a forward pass takes milliseconds on a CPU: tests and ``bench-gpu --quick``.
+TINY_SAM: dict[str, Any] = {
+    "encoder_embed_dim": 32,
+    "encoder_depth": 1,
+    "encoder_num_heads": 1,
+    "encoder_global_attn_indexes": (),
+    "prompt_embed_dim": 32,
+    "decoder_depth": 1,
+    "decoder_mlp_dim": 64,
+    "decoder_num_heads": 2,
+    "iou_head_hidden_dim": 32,
+}
+
+
 # --------------------------------------------------------------------------------------------
 # EdgeTAM: SAM 2 heads on a RepViT-M1 image encoder (timm)
 
