@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from backends.errors import PromptError
+from backends.errors import PromptError, TapmaskError
 
 #: A click this far outside the image (in pixels or as a fraction of the image side, whichever
 #: is larger) is clipped to the border; anything further is rejected as a wrong coordinate system.
@@ -21,22 +21,29 @@ CLIP_MARGIN_PX = 8.0
 CLIP_MARGIN_FRACTION = 0.02
 
 
-def _finite(name: str, *values: float) -> None:
-    for value in values:
-        if not isinstance(value, (int, float, np.integer, np.floating)) or isinstance(value, bool):
-            raise PromptError(f"{name}: coordinates must be numbers, got {_short(value)}")
-        try:
-            finite = math.isfinite(float(value))
-        except OverflowError:  # an int too large for a float
-            finite = False
-        if not finite:
-            raise PromptError(f"{name}: coordinates must be finite, got {_short(value)}")
-
-
-def _short(value: Any, limit: int = 40) -> str:
-    """``repr`` cut short: a hostile value may be megabytes long."""
+def short_repr(value: Any, limit: int = 60) -> str:
+    """``repr`` cut short for messages: a hostile value may be megabytes long."""
     text = repr(value)
     return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
+
+
+def finite_number(value: Any, what: str, error: type[TapmaskError] = PromptError) -> float:
+    """``value`` as a finite float, else ``error`` naming ``what``. Booleans are not numbers;
+    an integer too large for a float counts as infinite (``float()`` would overflow)."""
+    if not isinstance(value, (int, float, np.integer, np.floating)) or isinstance(value, bool):
+        raise error(f"{what} must be a number, got {short_repr(value)}")
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise error(f"{what} must be finite, got {short_repr(value)}")
+    return number
+
+
+def _finite(name: str, *values: float) -> None:
+    for value in values:
+        finite_number(value, f"{name}: coordinates")
 
 
 def _clip(name: str, value: float, size: int) -> float:

@@ -11,7 +11,7 @@ def test_click_rejects_non_finite_and_non_numbers():
     for bad in (math.nan, math.inf, -math.inf):
         with pytest.raises(PromptError, match="finite"):
             Click(bad, 3)
-    with pytest.raises(PromptError, match="numbers"):
+    with pytest.raises(PromptError, match="must be a number"):
         Click("3", 4)  # type: ignore[arg-type]
     with pytest.raises(PromptError):
         Click(True, 4)  # type: ignore[arg-type]

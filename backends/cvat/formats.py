@@ -34,7 +34,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import math
 import re
 import threading
 from collections import OrderedDict, deque
@@ -57,7 +56,7 @@ from backends.errors import (
     TooManyClicks,
 )
 from backends.masks import largest_polygon, mask_bbox, mask_to_cvat_crop_json
-from backends.prompts import Box, Click, Prompt, Segmentation
+from backends.prompts import Box, Click, Prompt, Segmentation, finite_number, short_repr
 from backends.settings import MAX_CLICKS, MAX_IMAGE_MB, MAX_REQUEST_MB, max_bytes
 
 #: The embedding the stock CVAT SAM plugin decodes: ``SamPredictor.get_image_embedding()`` of a
@@ -142,28 +141,10 @@ def decode_image(value: Any) -> bytes:
     return data
 
 
-def _short(value: Any, limit: int = 60) -> str:
-    """``repr`` cut short for messages: a hostile value may be megabytes long."""
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
-
-
-def _number(value: Any, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise PromptError(f"{what}: coordinates must be numbers, got {_short(value)}")
-    try:
-        number = float(value)
-    except OverflowError:  # an integer too large for a float
-        number = math.inf
-    if not math.isfinite(number):
-        raise PromptError(f"{what}: coordinates must be finite, got {_short(value)}")
-    return number
-
-
 def _pair(value: Any, what: str) -> tuple[float, float]:
     if not isinstance(value, (list, tuple)) or len(value) != 2:
-        raise PromptError(f"{what}: expected [x, y], got {_short(value)}")
-    return _number(value[0], what), _number(value[1], what)
+        raise PromptError(f"{what}: expected [x, y], got {short_repr(value)}")
+    return finite_number(value[0], what), finite_number(value[1], what)
 
 
 def check_click_count(*lists: Any) -> None:
@@ -194,13 +175,13 @@ def parse_box(value: Any) -> Box | None:
     if value is None or (isinstance(value, (list, tuple)) and len(value) == 0):
         return None
     if not isinstance(value, (list, tuple)):
-        raise PromptError(f"'obj_bbox' must be [[x1, y1], [x2, y2]], got {_short(value)}")
+        raise PromptError(f"'obj_bbox' must be [[x1, y1], [x2, y2]], got {short_repr(value)}")
     if len(value) == 2:
         (xa, ya), (xb, yb) = _pair(value[0], "obj_bbox"), _pair(value[1], "obj_bbox")
     elif len(value) == 4:
-        xa, ya, xb, yb = (_number(v, "obj_bbox") for v in value)
+        xa, ya, xb, yb = (finite_number(v, "obj_bbox") for v in value)
     else:
-        raise PromptError(f"'obj_bbox' must be [[x1, y1], [x2, y2]], got {_short(value)}")
+        raise PromptError(f"'obj_bbox' must be [[x1, y1], [x2, y2]], got {short_repr(value)}")
     return Box(min(xa, xb), min(ya, yb), max(xa, xb), max(ya, yb))
 
 
@@ -209,9 +190,9 @@ def parse_threshold(value: Any) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise BadRequest(f"'threshold' must be a number in [0, 1], got {_short(value)}")
+        raise BadRequest(f"'threshold' must be a number in [0, 1], got {short_repr(value)}")
     if not 0.0 <= value <= 1.0:  # NaN fails too; a huge int compares without overflowing
-        raise BadRequest(f"'threshold' must be a number in [0, 1], got {_short(value)}")
+        raise BadRequest(f"'threshold' must be a number in [0, 1], got {short_repr(value)}")
     return float(value)
 
 

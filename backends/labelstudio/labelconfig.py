@@ -9,6 +9,7 @@ from xml.etree.ElementTree import Element
 from defusedxml import ElementTree
 
 from backends.errors import LabelConfigError, UnknownLabel
+from backends.prompts import short_repr
 
 log = logging.getLogger("tapmask.labelstudio")
 
@@ -99,21 +100,17 @@ class LabelConfig:
         chosen, why = (same_name, "the same name") if same_name else (only_label, "its only label")
         if not chosen:
             raise UnknownLabel(
-                f"label {_short(label)} is not defined by {_describe(outputs)}; add it there, "
+                f"label {short_repr(label)} is not defined by {_describe(outputs)}; add it there, "
                 "or give the smart tool's label the name of one of those"
             )
         log.warning(
             "label %s is not defined by %s: answering %s (%s)",
-            _short(label),
+            short_repr(label),
             _describe(outputs),
             ", ".join(f"{c.name}={v!r}" for c, v in chosen),
             why,
         )
         return chosen
-
-
-def _short(text: str, limit: int = 60) -> str:
-    return repr(text) if len(text) <= limit else repr(f"{text[:limit]}…")
 
 
 def _describe(controls: list[Control]) -> str:

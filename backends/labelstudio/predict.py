@@ -14,7 +14,7 @@ from backends import masks
 from backends.errors import InvalidRequest, PromptError, TooManyClicks, TooManyObjects
 from backends.labelstudio.frames import Frame, check_declared_size
 from backends.labelstudio.labelconfig import OUTPUT_TYPES, Control
-from backends.prompts import Box, Click, Prompt, Segmentation
+from backends.prompts import Box, Click, Prompt, Segmentation, finite_number, short_repr
 from backends.settings import MAX_CLICKS, MAX_OBJECTS
 
 
@@ -56,24 +56,6 @@ class ObjectRequest:
     original_height: int
 
 
-def _short(value: Any, limit: int = 60) -> str:
-    """``repr`` cut short for messages: a hostile value may be megabytes long."""
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
-
-
-def _number(value: Any, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InvalidRequest(f"{what} must be a number, got {_short(value)}")
-    try:
-        number = float(value)
-    except OverflowError:  # an integer too large for a float
-        number = math.inf
-    if not math.isfinite(number):
-        raise InvalidRequest(f"{what} must be finite, got {_short(value)}")
-    return number
-
-
 def _label_of(item: dict[str, Any]) -> str | None:
     value = item.get("value") or {}
     for key in (item.get("type"), "keypointlabels", "rectanglelabels", "labels"):
@@ -104,7 +86,7 @@ def objects_from_context(context: dict[str, Any]) -> list[ObjectRequest]:
             rectangles.append(item)
         else:
             raise InvalidRequest(
-                f"context.result[{index}] has type {_short(kind)}; smart tools send "
+                f"context.result[{index}] has type {short_repr(kind)}; smart tools send "
                 "keypointlabels or rectanglelabels"
             )
     max_objects, max_clicks = int(MAX_OBJECTS), int(MAX_CLICKS)
@@ -131,8 +113,8 @@ def objects_from_context(context: dict[str, Any]) -> list[ObjectRequest]:
 
 
 def _object(item: dict[str, Any], prompt: list[tuple[str, dict[str, Any], bool]]) -> ObjectRequest:
-    width = _number(item.get("original_width"), "original_width")
-    height = _number(item.get("original_height"), "original_height")
+    width = finite_number(item.get("original_width"), "original_width", InvalidRequest)
+    height = finite_number(item.get("original_height"), "original_height", InvalidRequest)
     if width < 1 or height < 1:
         raise InvalidRequest("original_width/original_height must be positive")
     width, height = round(width), round(height)
@@ -141,6 +123,11 @@ def _object(item: dict[str, Any], prompt: list[tuple[str, dict[str, Any], bool]]
     if not isinstance(to_name, str) or not to_name:
         raise InvalidRequest("region has no to_name")
     return ObjectRequest(to_name, _label_of(item), prompt, width, height)
+
+
+def _fraction(value: dict[str, Any], key: str, kind: str) -> float:
+    """A percent field of a region's value as a fraction (``InvalidRequest`` if unusable)."""
+    return finite_number(value.get(key), f"{kind} {key}", InvalidRequest) / 100.0
 
 
 def to_prompt(obj: ObjectRequest, frame: Frame) -> Prompt:
@@ -152,18 +139,21 @@ def to_prompt(obj: ObjectRequest, frame: Frame) -> Prompt:
     clicks: list[Click] = []
     box: Box | None = None
     for kind, value, positive in obj.prompt_pct:
-        x = _number(value.get("x"), f"{kind} x") / 100.0 * frame.width
-        y = _number(value.get("y"), f"{kind} y") / 100.0 * frame.height
+        x = _fraction(value, "x", kind) * frame.width
+        y = _fraction(value, "y", kind) * frame.height
         if kind == "keypoint":
             px, py = frame.point(x, y)
             clicks.append(Click(px - 0.5, py - 0.5, positive))
             continue
-        w = _number(value.get("width"), "rectangle width") / 100.0 * frame.width
-        h = _number(value.get("height"), "rectangle height") / 100.0 * frame.height
+        w = _fraction(value, "width", kind) * frame.width
+        h = _fraction(value, "height", kind) * frame.height
         if w < 0 or h < 0:
             raise PromptError("rectangle width/height must not be negative")
         corners = np.array([[0, 0], [w, 0], [w, h], [0, h]], dtype=np.float64)
-        angle = math.radians(_number(value.get("rotation", 0) or 0, "rectangle rotation"))
+        rotation = finite_number(
+            value.get("rotation", 0) or 0, "rectangle rotation", InvalidRequest
+        )
+        angle = math.radians(rotation)
         if angle:  # Label Studio rotates around the top-left corner: use the bounding box
             rot = np.array(
                 [[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]]
