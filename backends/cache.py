@@ -43,11 +43,13 @@ def nbytes(value: Any) -> int:
 
 @dataclass
 class CacheStats:
+    """Counters (since start) and sizes (now), as ``/metrics`` and ``tapmask workers`` show them."""
+
     hits: int = 0
     misses: int = 0
-    evictions: int = 0
-    entries: int = 0
-    bytes: int = 0
+    evictions: int = 0  # entries pushed out by the byte bound (not pops or clears)
+    entries: int = 0  # held now
+    bytes: int = 0  # held now
 
 
 class LRUCache(Generic[V]):

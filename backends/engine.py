@@ -59,11 +59,13 @@ class EngineConfig:
 
 @dataclass
 class EngineStats:
-    encodes: int = 0
-    decodes: int = 0
+    """What the Engine did since start (worker metrics and heartbeats report these)."""
+
+    encodes: int = 0  # images through an image encoder (a batched pass counts each image)
+    decodes: int = 0  # clicks (and boxes) decoded, replayed history included
     encode_seconds: float = 0.0
     decode_seconds: float = 0.0
-    state_hits: int = 0
+    state_hits: int = 0  # clicks continued from a cached interaction state
     shared_hits: int = 0  # embeddings taken from the shared tier instead of encoding
     batched_encodes: int = 0  # images encoded in one pass together with others
     spill_hits: int = 0  # embeddings moved back from host memory instead of encoding

@@ -216,36 +216,7 @@ def _rows(
 
 
 def _unmeasured(name: str, sam_encode: float, reason: str) -> list[BenchRow]:
-    encode_target, encode_ok, click_target, click_ok = _targets(name)
+    """The rows of a model that could not be built: its targets count as missed."""
     nan = float("nan")
-    return [
-        BenchRow(
-            name=f"{name}: image encode vs SAM ViT-B (1920×1080, CPU)",
-            ours=nan,
-            baseline=sam_encode,
-            target=encode_target,
-            passed=False if encode_ok else None,
-            note=f"not measured: {reason}",
-        ),
-        BenchRow(
-            name=f"{name}: cached click vs SAM ViT-B",
-            ours=nan,
-            baseline=nan,
-            target=click_target,
-            passed=False if click_ok else None,
-            note="not measured",
-        ),
-    ]
-
-
-if __name__ == "__main__":
-    from backends.benchmarks.run import _fmt
-
-    for row in run(tuple(sys.argv[1:]) or MODELS):
-        verdict = "" if row.passed is None else (" ok" if row.passed else " MISSED")
-        print(
-            f"{row.name:58} {_fmt(row.ours, row.unit)} {_fmt(row.baseline, row.unit)} "
-            f"{row.ratio:8.2f}x  {row.target}{verdict}"
-        )
-        if row.note:
-            print(f"{'':60}{row.note}")
+    result = {"encode": nan, "click": nan, "sam_click": nan, "repeat": 1.0, "bytes": nan}
+    return _rows(name, result, sam_encode, nan, f"not measured: {reason}")
