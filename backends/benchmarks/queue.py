@@ -5,7 +5,10 @@
 * throughput of two workers vs one on a CPU-bound, single-threaded model (target >= 1.7x; it
   needs two free cores: on a shared machine the ratio shows how many were free);
 * bytes sent to Redis per follow-up click, with image dedup (only the key travels) vs without
-  (the bytes every time).
+  (the bytes every time);
+* a lone first click (an encode) through a worker that batches encodes (the default: prefetches
+  only; and with ``--encode-batch-clicks``) vs one that never batches (``--encode-batch 1``):
+  batching must not make a lone click slower.
 
 Everything runs against a private ``redis-server`` on a free port and worker processes started
 here (``--plugin backends.benchmarks.queue`` registers the two bench models); all are stopped
@@ -66,12 +69,29 @@ class SpinModel(NoopModel):
         return super().decode(image, embedding, prompt, state)
 
 
+class EncodingModel(NoopModel):
+    """An encoder (~10 ms of one core per image) that can batch: a lone first click encodes."""
+
+    def encode(self, image: np.ndarray) -> np.ndarray:
+        return self.encode_batch([image])[0]
+
+    def encode_batch(self, frames: list[np.ndarray]) -> list[np.ndarray]:
+        total = 0
+        for i in range(SPIN_ITERATIONS // 4 * len(frames)):
+            total += i * i
+        return [np.full(16, float(frame.mean()), np.float32) for frame in frames]
+
+
 def build(name: str, device: str | None = None) -> NoopModel:
+    if name.startswith("bench-encode"):
+        return EncodingModel(name)
     return SpinModel(name) if name == "bench-spin" else NoopModel(name)
 
 
 register(ModelSpec("bench-noop", f"{PLUGIN}:build", "bench: does nothing"))
 register(ModelSpec("bench-spin", f"{PLUGIN}:build", "bench: ~40 ms of one CPU core per click"))
+for _flavour in ("plain", "batching", "clicks"):
+    register(ModelSpec(f"bench-encode-{_flavour}", f"{PLUGIN}:build", "bench: a batching encoder"))
 
 
 def _image(width: int, height: int, seed: int = 0) -> bytes:
@@ -242,6 +262,44 @@ def _bytes_per_click(url: str, connection, start_worker) -> list[BenchRow]:
     return rows
 
 
+def _lone_first_click(url: str, connection, start_worker) -> list[BenchRow]:
+    from backends.redis.dispatcher import RedisDispatcher
+
+    flavours = {
+        "plain": ["--encode-batch", "1"],
+        "batching": [],  # the defaults
+        "clicks": ["--encode-batch-clicks"],
+    }
+    for flavour, args in flavours.items():
+        start_worker(f"bench-{flavour}", [f"bench-encode-{flavour}"], args)
+    dispatcher = RedisDispatcher(url, job_timeout=30)
+    times: dict[str, list[float]] = {flavour: [] for flavour in flavours}
+    try:
+        for i in range(40):  # a new image every time: every click is a first click
+            image = _image(64, 48, seed=1000 + i)
+            for flavour, samples in times.items():
+                started = time.perf_counter()
+                dispatcher.segment(f"bench-encode-{flavour}", image, _prompt(1, 64, 48))
+                samples.append(time.perf_counter() - started)
+    finally:
+        dispatcher.close()
+    plain = statistics.median(times["plain"])
+    rows = []
+    for flavour, label in (("batching", "default batching"), ("clicks", "--encode-batch-clicks")):
+        ours = statistics.median(times[flavour])
+        rows.append(
+            BenchRow(
+                f"queue: lone first click p50, {label} vs no batching",
+                ours,
+                plain,
+                target="not slower (within 10 %)",
+                passed=ours <= plain * 1.10,
+                note="40 first clicks each, interleaved; ~10 ms encoder",
+            )
+        )
+    return rows
+
+
 def run() -> list[BenchRow]:
     from backends.benchmarks.redis_procs import RedisServer, WorkerProcess
 
@@ -250,9 +308,15 @@ def run() -> list[BenchRow]:
         connection = server.client()
         workers: list[WorkerProcess] = []
 
-        def start_worker(name: str, models: list[str]) -> WorkerProcess:
+        def start_worker(name: str, models: list[str], args: list[str] = ()) -> WorkerProcess:
             worker = WorkerProcess(
-                server.url, models, name=name, plugins=[PLUGIN], heartbeat=2.0, log_dir=logs
+                server.url,
+                models,
+                name=name,
+                plugins=[PLUGIN],
+                heartbeat=2.0,
+                log_dir=logs,
+                extra_args=list(args),
             )
             workers.append(worker)
             return worker.wait_ready(connection)
@@ -262,7 +326,7 @@ def run() -> list[BenchRow]:
                 workers.pop().stop()
 
         try:
-            for part in (_overhead, _throughput, _bytes_per_click):
+            for part in (_overhead, _throughput, _bytes_per_click, _lone_first_click):
                 try:
                     rows.extend(part(server.url, connection, start_worker))
                 finally:
