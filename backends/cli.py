@@ -173,6 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, help="only the first N images")
     ev.add_argument("--checkpoint")
     ev.add_argument("--out", default="eval-results", help="folder for CSV and PNG")
+    ev.add_argument(
+        "--progressive",
+        choices=["both", "on", "off", "default"],
+        default="both",
+        help="progressive (local) corrections: both side by side (default), on, off, or the "
+        "model's serving setting (TAPMASK_PROGRESSIVE, else the model's default)",
+    )
     ev.set_defaults(func=_cmd_eval)
 
     bench = sub.add_parser("bench", help="side-by-side performance measurements")

@@ -11,6 +11,12 @@
   (``replays_history``), a missing prefix is rebuilt by decoding the earlier prefixes in order, so
   the answer is the same whether or not the cache had it.
 
+Progressive mode (``backends/progressive.py``, per model: ``EngineConfig.progressive``, env
+``TAPMASK_PROGRESSIVE``, default the model's ``progressive_default``): from the second step on,
+the model's new mask replaces the previous step's mask only in the region the last click is
+about. The merged mask is what the state cache keeps for the step and what the next step merges
+into; it depends on the whole history, so in this mode every model replays a missing prefix.
+
 One lock per model: a model never runs two requests at once on its device, while different models
 (and cache hits) proceed in parallel.
 """
@@ -32,7 +38,14 @@ from backends.cache import LRUCache
 from backends.embedding_cache import EmbeddingCache, SharedEmbeddings, guard_device_memory
 from backends.errors import ModelNotFound, UnknownImage, Unsupported
 from backends.models import registry
-from backends.models.base import ExportsEmbedding, Segmenter, accepts_box
+from backends.models.base import (
+    ExportsEmbedding,
+    Segmenter,
+    accepts_box,
+    progressive_default,
+)
+from backends.progressive import MergeOptions, merge, settings_from_env
+from backends.progressive import enabled as progressive_enabled
 from backends.prompts import Prompt, Segmentation
 
 log = logging.getLogger(__name__)
@@ -55,6 +68,10 @@ class EngineConfig:
     )
     state_cache_bytes: int = field(default_factory=lambda: _env_mib("TAPMASK_STATE_CACHE_MB", 512))
     image_cache_bytes: int = field(default_factory=lambda: _env_mib("TAPMASK_IMAGE_CACHE_MB", 1024))
+    # Progressive mode per model name ("*": every model); a model not named here uses its
+    # ``progressive_default`` attribute (False when it has none).
+    progressive: dict[str, bool] = field(default_factory=settings_from_env)
+    merge: MergeOptions = field(default_factory=MergeOptions)
 
 
 @dataclass
@@ -196,30 +213,45 @@ class Engine:
             embedding = self._embedding(name, model, key, array)
             if prompt.previous_mask is not None:
                 # A caller-supplied mask replaces the history: decode once, cache nothing.
-                return self._decode(model, array, embedding, prompt, None)[0]
-            steps = self._steps(prompt, model) if model.replays_history else [prompt]
-            start, state, result = self._resume_point(name, key, model, prompt, steps)
-            if result is not None:
-                return result  # the whole interaction is cached: a repeated request
+                result = self._decode(model, array, embedding, prompt, None)[0]
+                if self.progressive(name) and prompt.clicks:
+                    result.mask = merge(
+                        prompt.previous_mask, result.mask, prompt.clicks[-1], self.config.merge
+                    )
+                return result
+            merging = self.progressive(name)
+            replays = model.replays_history or merging
+            steps = self._steps(prompt, model) if replays else [prompt]
+            start, state, previous = self._resume_point(name, key, replays, prompt, steps)
+            if start == len(steps) and previous is not None:
+                return previous  # the whole interaction is cached: a repeated request
             for step in steps[start:]:
                 result, state = self._decode(model, array, embedding, step, state)
+                if merging and previous is not None and step.clicks:
+                    result.mask = merge(
+                        previous.mask, result.mask, step.clicks[-1], self.config.merge
+                    )
                 self.states.put((name, key, step.key()), (result, state))
-            assert result is not None
-            return result
+                previous = result
+            assert previous is not None
+            return previous
+
+    def progressive(self, name: str) -> bool:
+        """Whether model ``name`` answers in progressive mode (see the module docstring)."""
+        default = progressive_default(self.model(name))
+        return progressive_enabled(self.config.progressive, name, default)
 
     def _resume_point(
-        self, name: str, key: str, model: Segmenter, prompt: Prompt, steps: list[Prompt]
+        self, name: str, key: str, replays: bool, prompt: Prompt, steps: list[Prompt]
     ) -> tuple[int, Any, Segmentation | None]:
         """Index of the first step to decode, the state to start it from, and the cached result
-        when the last step itself is cached (a repeated request)."""
+        of the step before it (all steps cached, a repeated request: index ``len(steps)``)."""
         for index in range(len(steps) - 1, -1, -1):
             cached = self.states.get((name, key, steps[index].key()))
             if cached is not None:
                 self.stats.state_hits += 1
-                if index == len(steps) - 1:
-                    return len(steps), cached[1], cached[0]
-                return index + 1, cached[1], None
-        if not model.replays_history and len(prompt.clicks) > (0 if prompt.box else 1):
+                return index + 1, cached[1], cached[0]
+        if not replays and len(prompt.clicks) > (0 if prompt.box else 1):
             # Models without history still refine from the previous click's state if we have it.
             previous = self.states.get((name, key, prompt.prefix(len(prompt.clicks) - 1).key()))
             if previous is not None:

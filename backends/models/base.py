@@ -12,12 +12,13 @@ A model splits its work in two, so the Engine can cache the expensive half:
   first click. It returns the segmentation and the state to keep for the next click.
 
 ``replays_history`` tells the Engine whether a model's answer depends on the whole click history
-(SAM, RITM): then a missing state is rebuilt by decoding every earlier prefix in order, so the
-result never depends on what happened to be cached. Models whose answer is a function of the
-current prompt alone (GrabCut, which only uses the state to speed up refinement) say ``False``.
+(SAM, RITM, GrabCut, which anchors later clicks to the previous answer): then a missing state
+is rebuilt by decoding every earlier prefix in order, so the result never depends on what
+happened to be cached. A model whose answer is a function of the current prompt alone says
+``False``.
 
-Optional, each detected by the Engine with ``isinstance`` (the methods' presence) or
-``accepts_box``:
+Optional, each detected by the Engine with ``isinstance`` (the methods' presence) or a class
+attribute read through the functions at the end of this module:
 
 * ``SharesEmbeddings``: the embedding to and from bytes, so workers share it through the Engine's
   shared tier (Redis) instead of each encoding the same image;
@@ -29,8 +30,11 @@ Optional, each detected by the Engine with ``isinstance`` (the methods' presence
 * ``MovesEmbeddings``: an embedding to host memory and back (the Engine's host spill tier keeps
   what the device tier evicts);
 * ``ReleasesMemory``: return the device allocator's cached memory (after an out-of-memory);
-* ``accepts_box``: a class attribute, ``False`` for a model that cannot take a box without clicks
-  (RITM): the Engine then starts replaying a history at its first click. Default ``True``.
+* ``accepts_box``: ``False`` for a model that cannot take a box without clicks (RITM): the
+  Engine then starts replaying a history at its first click. Default ``True``;
+* ``progressive_default``: whether the Engine's progressive mode (``backends.progressive``: a
+  later click changes the mask only near itself) is on for this model unless
+  ``TAPMASK_PROGRESSIVE`` says otherwise. Default ``False``: turn it on where it measures better.
 """
 
 from __future__ import annotations
@@ -103,3 +107,9 @@ def accepts_box(model: Segmenter) -> bool:
     """Whether a box with no clicks is a prompt ``model`` decodes: its ``accepts_box`` class
     attribute, True for models that do not declare one."""
     return bool(getattr(model, "accepts_box", True))
+
+
+def progressive_default(model: Segmenter) -> bool:
+    """Whether progressive mode is on for ``model`` when the settings do not name it: its
+    ``progressive_default`` class attribute, False for models that do not declare one."""
+    return bool(getattr(model, "progressive_default", False))
