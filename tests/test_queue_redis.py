@@ -428,10 +428,11 @@ def test_a_worker_encodes_the_images_waiting_for_it_in_one_pass(spawn, make_disp
     pngs = [_png(100 + i) for i in range(5)]
     for png in pngs:  # queued before any worker runs: they wait together
         dispatcher.prefetch("test-batching", png)
-    spawn(
+    batcher = spawn(
         "batcher", ["test-batching"], extra_args=["--encode-batch", "4", "--encode-batch-clicks"]
     ).wait_ready(rconn)
     _wait_for(lambda: _count(rconn, "encodes", "test-batching") == 5)
+    batcher.stop()  # the clicks below must wait for the next worker, all together
     passes = [int(n) for n in rconn.lrange("test:passes:test-batching", 0, -1)]
     assert passes == [4, 1]
 
