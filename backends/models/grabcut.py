@@ -46,18 +46,31 @@ from backends.prompts import Click, Prompt, Segmentation
 _OBJECT, _BACKGROUND = 2, 1  # watershed marker ids
 
 
-class GrabCutSegmenter:
-    """GrabCut as a ``Segmenter``.
+@dataclass(frozen=True)
+class Anchoring:
+    """How later clicks are anchored to the previous answer (``None``: re-seed from the clicks).
 
-    Anchoring (``anchored``; from step ``anchor_from``, a box counting as a step): the previous
-    answer, eroded by ``anchor_margin`` of the working size, marks the watershed, except in a disc
-    around the new click whose radius is ``anchor_reach`` times the click's distance to the
-    previous boundary, at least ``anchor_min_zone`` of the longer side. Measured on the GrabCut
-    set (20 clicks; this sweep anchored to the full-size previous mask, the state is now the
-    working-size answer, which gives NoC@90 4.90 at 4/0.05), reach/zone 2/0.03, 4/0.05, 6/0.08:
-    NoC@90 5.30, 4.80, 4.94 and collapses 0, 2, 6 of 950 clicks; 2/0.03 anchoring only from the
-    third click: NoC@90 5.14, 1 collapse.
+    From step ``start`` (a box counting as a step) the previous answer, eroded by ``margin`` of the
+    working size, marks the watershed, except in a disc around the new click whose radius is
+    ``reach`` times the click's distance to the previous boundary, at least ``min_zone`` of the
+    longer side. Measured on the GrabCut set (20 clicks; this sweep anchored to the full-size
+    previous mask, the state is now the working-size answer, which gives NoC@90 4.90 at
+    4/0.05), reach/zone 2/0.03, 4/0.05, 6/0.08: NoC@90 5.30, 4.80, 4.94 and collapses 0, 2, 6 of
+    950 clicks; 2/0.03 anchoring only from the third click: NoC@90 5.14, 1 collapse.
     """
+
+    margin: float = 0.02
+    reach: float = 4.0
+    min_zone: float = 0.05
+    start: int = 2
+
+
+DEFAULT_ANCHORING = Anchoring()
+
+
+class GrabCutSegmenter:
+    """GrabCut as a ``Segmenter``: clicks seed a watershed that initialises GrabCut, later clicks
+    anchored to the previous answer (``Anchoring``)."""
 
     def __init__(
         self,
@@ -67,22 +80,14 @@ class GrabCutSegmenter:
         max_side: int = 400,
         border_fraction: float = 0.03,
         seed_radius_fraction: float = 0.012,
-        anchored: bool = True,
-        anchor_margin: float = 0.02,
-        anchor_reach: float = 4.0,
-        anchor_min_zone: float = 0.05,
-        anchor_from: int = 2,
+        anchoring: Anchoring | None = DEFAULT_ANCHORING,
         progressive_default: bool = False,
     ) -> None:
         self.name = name
-        self.anchored = anchored
-        self.anchor_margin = anchor_margin
-        self.anchor_reach = anchor_reach
-        self.anchor_min_zone = anchor_min_zone
-        self.anchor_from = anchor_from
+        self.anchoring = anchoring
         # An anchored click continues from the previous step's mask: the answer depends on the
         # click history, which the Engine then replays when a prefix is not cached.
-        self.replays_history = anchored
+        self.replays_history = anchoring is not None
         # The Engine's progressive merge on top of the anchored GrabCut measured worse on the
         # GrabCut set (NoC@85/90 3.78/5.34 against 3.38/4.90 without; collapses 1 against 2 of
         # 950 clicks), so it is off unless asked for (TAPMASK_PROGRESSIVE).
@@ -178,10 +183,10 @@ class GrabCutSegmenter:
 
     def _previous(self, prompt: Prompt, state: Any, shape: tuple[int, int]) -> np.ndarray | None:
         """The working-size mask this step is anchored to, or None (a first step, a step before
-        ``anchor_from``, anchoring off): the caller's ``previous_mask``, else the previous step's
-        answer, which the Engine hands back as ``state``."""
+        ``Anchoring.start``, anchoring off): the caller's ``previous_mask``, else the previous
+        step's answer, which the Engine hands back as ``state``."""
         steps = len(prompt.clicks) + (prompt.box is not None)
-        if not self.anchored or not prompt.clicks or steps < self.anchor_from:
+        if self.anchoring is None or not prompt.clicks or steps < self.anchoring.start:
             return None
         if prompt.previous_mask is not None:
             return _resize_mask(np.asarray(prompt.previous_mask, dtype=bool), shape)
@@ -204,7 +209,8 @@ class GrabCutSegmenter:
         height, width = previous.shape
         row = min(height - 1, round(click.y * scale))
         col = min(width - 1, round(click.x * scale))
-        margin = max(1, round(self.anchor_margin * min(height, width)))
+        anchoring = self.anchoring or DEFAULT_ANCHORING
+        margin = max(1, round(anchoring.margin * min(height, width)))
         kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * margin + 1, 2 * margin + 1))
         inside = cv2.erode(previous.astype(np.uint8), kernel) > 0
         outside = cv2.erode((~previous).astype(np.uint8), kernel) > 0
@@ -213,7 +219,7 @@ class GrabCutSegmenter:
         if other.any():
             distance = cv2.distanceTransform(1 - other, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
             depth = float(distance[row, col])
-        radius = max(self.anchor_min_zone * max(height, width), self.anchor_reach * depth)
+        radius = max(anchoring.min_zone * max(height, width), anchoring.reach * depth)
         zone = np.zeros((height, width), np.uint8)
         cv2.circle(zone, (col, row), max(1, round(radius)), 1, -1)
         free = (markers == 0) & (zone == 0)
