@@ -100,12 +100,14 @@ def plan(device: str, quick: bool) -> Plan:
             "bench-sam-tiny", {"sam-vit_b": tiny},
         )  # fmt: skip
     cuda = device.startswith("cuda")
+    # bf16 autocast is CUDA only: a CPU runs every model once, in fp32 (its serving precision).
+    models = MODELS if cuda else tuple(dict.fromkeys((name, "fp32") for name, _ in MODELS))
     return Plan(
         (1080, 1920),
         5 if cuda else 1,
         100 if cuda else 10,
         8 if cuda else 2,
-        MODELS,
+        models,
         BATCHED,
         WORKER_MODEL,
         {},
