@@ -461,6 +461,14 @@ def test_batch_only_workers_never_take_a_click(spawn, make_dispatcher, rconn, se
     _wait_for(lambda: int(rconn.get(f"test:encodes:{model}") or 0) == 1)
     with pytest.raises(Unavailable):
         dispatcher.segment(model, _png(61), Prompt((Click(1, 1),)))
+    # A click is refused at its first poll, not after the queue TTL: the batch-only worker is
+    # alive but does not count as taking this model's clicks.
+    patient = make_dispatcher(queue_ttl=30)
+    started = time.monotonic()
+    with pytest.raises(Unavailable) as info:
+        patient.segment(model, _png(62), Prompt((Click(1, 1),)))
+    assert time.monotonic() - started < 10
+    assert "no live worker takes clicks" in str(info.value)
     samples = _samples(_scrape(port))
     assert _total(samples, "tapmask_worker_jobs_total", queue="interactive") == 0
     assert (

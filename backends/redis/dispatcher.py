@@ -394,7 +394,9 @@ class RedisDispatcher:
             self.redis.delete(job.key)  # a worker that pops it later skips it
 
     def _has_live_worker(self, model: str) -> bool:
-        return any(model in w.get("models", ()) for w in live_workers(self.redis, self.keys))
+        """A live worker listens to ``model``'s interactive queue (a batch-only one does not)."""
+        queue = self.keys.interactive(model)
+        return any(queue in w.get("queues", ()) for w in live_workers(self.redis, self.keys))
 
     def _no_taker_message(self, model: str, queue_ttl: int) -> str:
         try:
@@ -402,5 +404,8 @@ class RedisDispatcher:
         except redis.RedisError:
             alive = False
         if not alive:
-            return f"no live worker serves model {model!r}; start one with `tapmask worker`"
+            return (
+                f"no live worker takes clicks for model {model!r} (batch-only workers do not); "
+                "start one with `tapmask worker`"
+            )
         return f"every {model} worker stayed busy for {queue_ttl} s; the request was dropped"
