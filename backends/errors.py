@@ -136,6 +136,17 @@ class ImageAuthError(ImageFetchError, status=502, code="image_auth_failed"):
     """The image host refused our credentials (401/403), or the token exchange failed."""
 
 
+# -- videos ----------------------------------------------------------------------------------
+
+
+class VideoError(TapmaskError, ValueError, status=400, code="bad_video"):
+    """Bytes that no video decoder can read, or a video without a single frame."""
+
+
+class VideoTooLarge(VideoError, status=413, code="video_too_large"):
+    """A video over ``TAPMASK_MAX_VIDEO_MB`` or with frames over ``TAPMASK_MAX_VIDEO_PIXELS``."""
+
+
 # -- models ----------------------------------------------------------------------------------
 
 

@@ -168,6 +168,40 @@ DOWNLOAD_DEADLINE_S = _limit(
     "Label Studio",
     "504 `image_timeout`",
 )
+MAX_VIDEO_MB = _limit(
+    "TAPMASK_MAX_VIDEO_MB",
+    500.0,
+    "MiB",
+    "a task's video file (a download or a data: URI), before any frame is decoded",
+    "Label Studio",
+    "413 `video_too_large`",
+)
+VIDEO_DOWNLOAD_DEADLINE_S = _limit(
+    "TAPMASK_VIDEO_DOWNLOAD_DEADLINE_S",
+    120.0,
+    "seconds",
+    "one video download from start to last byte (TAPMASK_DOWNLOAD_READ_TIMEOUT_S still bounds "
+    "silence)",
+    "Label Studio",
+    "504 `image_timeout`",
+)
+MAX_VIDEO_PIXELS = _limit(
+    "TAPMASK_MAX_VIDEO_PIXELS",
+    8_294_400,
+    "pixels",
+    "a video frame (width × height from the container, before decoding; 3840×2160 by default)",
+    "Label Studio",
+    "413 `video_too_large`",
+)
+MAX_TRACK_FRAMES = _limit(
+    "TAPMASK_MAX_TRACK_FRAMES",
+    500,
+    "frames",
+    "frames one object is followed through in one request (TAPMASK_VIDEO_TRACK_SECONDS × the "
+    "video's framerate) or one `tapmask track` object",
+    "Label Studio",
+    "tracking stops there (logged)",
+)
 PREFETCH_QUEUE = _limit(
     "TAPMASK_PREFETCH_QUEUE",
     256,
