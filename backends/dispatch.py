@@ -20,7 +20,7 @@ from typing import Protocol
 import numpy as np
 
 from backends.engine import Engine
-from backends.prompts import Prompt, Segmentation
+from backends.prompts import Prompt, Segmentation, TrackAnswer, TrackTarget
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,20 @@ class Dispatcher(Protocol):
         self, model: str, image: bytes, *, timeout: float | None = None
     ) -> np.ndarray:
         """The model's raw image embedding (for tools that decode clicks themselves)."""
+        ...
+
+    def track(
+        self,
+        tracker: str,
+        image: bytes,
+        targets: list[TrackTarget],
+        *,
+        timeout: float | None = None,
+    ) -> list[TrackAnswer]:
+        """Follow each target onto ``image`` (one video frame, file bytes) with video tracker
+        ``tracker``: answers aligned with ``targets``. A target's ``state`` is the handle of
+        the previous answer for that object (None: initialise from its shape); an unusable
+        handle re-initialises from the shape, never fails. Raises ``TapmaskError``s."""
         ...
 
     def models(self) -> list[str]:
@@ -100,6 +114,16 @@ class LocalDispatcher:
     ) -> np.ndarray:
         return self.engine.export_embedding(model, image)
 
+    def track(
+        self,
+        tracker: str,
+        image: bytes,
+        targets: list[TrackTarget],
+        *,
+        timeout: float | None = None,
+    ) -> list[TrackAnswer]:
+        return self.engine.track(tracker, image, targets)
+
     def models(self) -> list[str]:
         return self.engine.model_names
 
@@ -107,7 +131,7 @@ class LocalDispatcher:
         engine = self.engine
         return {
             cache.name: vars(cache.stats)
-            for cache in (engine.images, engine.embeddings, engine.states)
+            for cache in (engine.images, engine.embeddings, engine.states, engine.tracking.states)
         }
 
     def close(self) -> None:

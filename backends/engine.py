@@ -36,7 +36,7 @@ import numpy as np
 from backends import images
 from backends.cache import LRUCache
 from backends.embedding_cache import EmbeddingCache, SharedEmbeddings, guard_device_memory
-from backends.errors import ModelNotFound, UnknownImage, Unsupported
+from backends.errors import ModelNotFound, TooManyObjects, UnknownImage, Unsupported
 from backends.models import registry
 from backends.models.base import (
     ExportsEmbedding,
@@ -44,9 +44,12 @@ from backends.models.base import (
     accepts_box,
     progressive_default,
 )
+from backends.models.tracking import is_tracker
 from backends.progressive import MergeOptions, merge, settings_from_env
 from backends.progressive import enabled as progressive_enabled
-from backends.prompts import Prompt, Segmentation
+from backends.prompts import Prompt, Segmentation, TrackAnswer, TrackTarget
+from backends.settings import MAX_TRACKED_OBJECTS
+from backends.tracking import TrackingService
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +71,10 @@ class EngineConfig:
     )
     state_cache_bytes: int = field(default_factory=lambda: _env_mib("TAPMASK_STATE_CACHE_MB", 512))
     image_cache_bytes: int = field(default_factory=lambda: _env_mib("TAPMASK_IMAGE_CACHE_MB", 1024))
+    #: Video trackers' per-object states (``backends.tracking``), by handle.
+    track_state_cache_bytes: int = field(
+        default_factory=lambda: _env_mib("TAPMASK_TRACK_STATE_CACHE_MB", 512)
+    )
     # Progressive mode per model name ("*": every model); a model not named here uses its
     # ``progressive_default`` attribute (False when it has none).
     progressive: dict[str, bool] = field(default_factory=settings_from_env)
@@ -99,6 +106,7 @@ class Engine:
         config: EngineConfig | None = None,
         loader: Callable[..., Segmenter] = registry.create,
         shared_embeddings: SharedEmbeddings | None = None,
+        shared_track_states: SharedEmbeddings | None = None,
     ) -> None:
         self.config = config or EngineConfig()
         self.shared_embeddings = shared_embeddings
@@ -118,6 +126,7 @@ class Engine:
         self.states: LRUCache[tuple[Segmentation, Any]] = LRUCache(
             self.config.state_cache_bytes, "states"
         )
+        self.tracking = TrackingService(self.config.track_state_cache_bytes, shared_track_states)
         for name, model in (models or {}).items():
             self.add_model(name, model)
 
@@ -206,6 +215,8 @@ class Engine:
     # -- segmentation ----------------------------------------------------------------------
     def segment(self, name: str, image: ImageRef, prompt: Prompt) -> Segmentation:
         model = self.model(name)
+        if is_tracker(model):
+            raise Unsupported(f"model {name!r} is a video tracker: it tracks, it does not segment")
         key, array = self.image(image)
         height, width = array.shape[:2]
         prompt = prompt.validated(width, height)
@@ -235,6 +246,23 @@ class Engine:
                 previous = result
             assert previous is not None
             return previous
+
+    def track(self, name: str, image: ImageRef, targets: list[TrackTarget]) -> list[TrackAnswer]:
+        """Follow each target onto ``image`` with tracker ``name`` (``backends.tracking``):
+        answers aligned with ``targets``, each with a fresh state handle."""
+        model = self.model(name)
+        if not is_tracker(model):
+            raise Unsupported(f"model {name!r} does not track video; choose a tracker")
+        limit = int(MAX_TRACKED_OBJECTS)
+        if len(targets) > limit:
+            raise TooManyObjects(
+                f"{len(targets)} objects to track; at most {limit} (TAPMASK_MAX_TRACKED_OBJECTS)"
+            )
+        _key, array = self.image(image)
+        height, width = array.shape[:2]
+        checked = [target.validated(width, height) for target in targets]
+        with self._locks[name]:
+            return self.tracking.track(name, model, array, checked)  # type: ignore[arg-type]
 
     def progressive(self, name: str) -> bool:
         """Whether model ``name`` answers in progressive mode (see the module docstring)."""

@@ -74,6 +74,10 @@ class TooManyObjects(RequestTooLarge, status=413, code="too_many_objects"):
     """More objects (one model run each) in one request than ``TAPMASK_MAX_OBJECTS``."""
 
 
+class TooManyPoints(RequestTooLarge, status=413, code="too_many_points"):
+    """A shape with more vertices than ``TAPMASK_MAX_SHAPE_POINTS``."""
+
+
 class TooManyClicks(RequestTooLarge, status=413, code="too_many_clicks"):
     """More clicks on one object than ``TAPMASK_MAX_CLICKS``."""
 

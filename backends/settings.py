@@ -210,6 +210,31 @@ PREFETCH_QUEUE = _limit(
     "Label Studio",
     "not prefetched (logged)",
 )
+MAX_TRACKED_OBJECTS = _limit(
+    "TAPMASK_MAX_TRACKED_OBJECTS",
+    32,
+    "objects",
+    "objects tracked in one video-frame request (CVAT tracker shapes; a worker's track job)",
+    "all",
+    "413 `too_many_objects`",
+)
+MAX_SHAPE_POINTS = _limit(
+    "TAPMASK_MAX_SHAPE_POINTS",
+    10000,
+    "points",
+    "vertices of one polygon a tool sends to track (CVAT polygon shapes; a worker's track job)",
+    "all",
+    "413 `too_many_points`",
+)
+MAX_TRACK_STATE_MB = _limit(
+    "TAPMASK_MAX_TRACK_STATE_MB",
+    64.0,
+    "MiB",
+    "one tracked object's state in the shared Redis tier (SAM 2 memory bank, fp16); a larger "
+    "state stays in its worker's memory only",
+    "worker",
+    "not shared (the next frame on another worker re-initialises)",
+)
 
 
 def check_limits() -> None:

@@ -13,8 +13,10 @@ from dataclasses import dataclass
 from backends.errors import ModelLoadError, ModelNotFound
 from backends.models.base import Segmenter
 from backends.models.sizes import SAM_VIT_SIZES
+from backends.models.tracking import Tracker
 
-Factory = Callable[..., Segmenter]
+#: A factory builds a ``Segmenter`` (images) or a ``Tracker`` (video, ``kind="tracker"``).
+Factory = Callable[..., Segmenter | Tracker]
 
 
 @dataclass(frozen=True)
@@ -24,6 +26,12 @@ class ModelSpec:
     description: str
     extra: str | None = None  # the pip extra that provides its dependencies
     kwargs: tuple[tuple[str, object], ...] = ()
+    kind: str = "segmenter"  # or "tracker": follows objects through video frames
+
+
+def trackers() -> list[str]:
+    """Names of the registered video trackers."""
+    return sorted(name for name, s in _SPECS.items() if s.kind == "tracker")
 
 
 _SPECS: dict[str, ModelSpec] = {}
@@ -44,7 +52,7 @@ def spec(name: str) -> ModelSpec:
         raise ModelNotFound(f"unknown model {name!r}; known models: {', '.join(names())}") from None
 
 
-def create(name: str, **options: object) -> Segmenter:
+def create(name: str, **options: object) -> Segmenter | Tracker:
     """Build model ``name``; ``options`` override the spec's defaults (checkpoint, device…)."""
     model_spec = spec(name)
     module_name, _, func_name = model_spec.target.partition(":")
@@ -62,6 +70,14 @@ def create(name: str, **options: object) -> Segmenter:
         raise ModelLoadError(f"model {name!r}: {exc}") from exc
 
 
+register(
+    ModelSpec(
+        "flow",
+        "backends.models.flow_tracker:build",
+        "Video tracker: optical flow + GrabCut band, weights-free, CPU only (default tracker)",
+        kind="tracker",
+    )
+)
 register(
     ModelSpec(
         "grabcut",

@@ -41,7 +41,7 @@ from backends.errors import (
     Unavailable,
     WorkerReplyError,
 )
-from backends.prompts import Prompt, Segmentation
+from backends.prompts import Prompt, Segmentation, TrackAnswer, TrackTarget
 from backends.redis.connection import (
     connect,
     redis_errors_as_unavailable,
@@ -53,6 +53,7 @@ from backends.redis.protocol import (
     EXPORT_JOB,
     PREFETCH_JOB,
     SEGMENT_JOB,
+    TRACK_JOB,
     ExportJob,
     Keys,
     PrefetchJob,
@@ -63,6 +64,7 @@ from backends.redis.protocol import (
     parse_export_reply,
     parse_segmentation_reply,
 )
+from backends.redis.tracking import TrackJob, parse_track_reply
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +200,25 @@ class RedisDispatcher:
         if array.size != math.prod(shape):
             raise WorkerReplyError(f"exported embedding has {array.size} values, expected {shape}")
         return array.reshape(shape).astype(np.float32)
+
+    def track(
+        self,
+        tracker: str,
+        image: bytes,
+        targets: list[TrackTarget],
+        *,
+        timeout: float | None = None,
+    ) -> list[TrackAnswer]:
+        self._check_model(tracker)
+        job_targets = tuple(targets)
+        payload = self._call(
+            TRACK_JOB,
+            tracker,
+            image,
+            lambda sha: TrackJob(tracker, sha, job_targets).to_payload(),
+            timeout,
+        )
+        return parse_track_reply(payload, len(job_targets))
 
     def models(self) -> list[str]:
         if self._models is not None:

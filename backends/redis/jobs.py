@@ -28,6 +28,7 @@ from backends.errors import ImageError, TapmaskError, Timeout, Unavailable, Unkn
 from backends.images import sha256
 from backends.redis import protocol
 from backends.redis.protocol import ExportJob, Keys, PrefetchJob, SegmentJob, error_reply
+from backends.redis.tracking import TrackJob, track_reply
 from backends.settings import check_limits
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,12 @@ def _export(rt: WorkerRuntime, payload: Any) -> dict[str, Any]:
     return protocol.export_reply(rt.name, key, job.dtype, tuple(array.shape))
 
 
+def _track(rt: WorkerRuntime, payload: Any) -> dict[str, Any]:
+    job = TrackJob.from_payload(payload)
+    answers = rt.engine.track(job.model, image_ref(rt, job.image), list(job.targets))
+    return track_reply(answers, rt.name)
+
+
 def _run(handler: Callable[[WorkerRuntime, Any], dict[str, Any]], payload: Any) -> dict[str, Any]:
     rt = _runtime
     if rt is None:
@@ -133,11 +140,17 @@ def export_job(request: dict[str, Any]) -> dict[str, Any]:
     return _run(_export, request)
 
 
+def track_job(request: dict[str, Any]) -> dict[str, Any]:
+    """Interactive: one video frame's tracked objects, each with a fresh state handle."""
+    return _run(_track, request)
+
+
 #: The job functions by the dotted names the dispatcher enqueues (``backends.redis.protocol``).
 JOB_FUNCTIONS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     protocol.SEGMENT_JOB: segment_job,
     protocol.PREFETCH_JOB: prefetch_job,
     protocol.EXPORT_JOB: export_job,
+    protocol.TRACK_JOB: track_job,
 }
 assert set(JOB_FUNCTIONS) == protocol.JOB_NAMES
 

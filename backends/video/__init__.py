@@ -1,1 +1,1 @@
-"""Video: decoding frames for trackers."""
+"""Video helpers shared by tests and benchmarks (synthetic clips with known ground truth)."""
