@@ -80,8 +80,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from backends.labelstudio.app import Settings, create_app
 
     options = {k: v for k, v in (("checkpoint", args.checkpoint), ("device", args.device)) if v}
-    dispatcher = dispatcher_from_env([args.model], **options)  # models load before serving
-    app = create_app(dispatcher, Settings(model=args.model))
+    # Models load before serving: the segmenter (with its options) and the video tracker.
+    if os.environ.get("TAPMASK_REDIS_URL"):
+        dispatcher = dispatcher_from_env(list(dict.fromkeys([args.model, args.tracker])))
+    else:
+        dispatcher = dispatcher_from_env([args.model], **options)
+        dispatcher.engine.load([args.tracker])  # type: ignore[attr-defined]
+    app = create_app(dispatcher, Settings(model=args.model, tracker=args.tracker))
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     dispatcher.close()
     return 0
@@ -215,6 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", default=model_name())
     serve.add_argument("--checkpoint", help="model checkpoint (default: the model's env/dir)")
     serve.add_argument("--device", help="cpu, cuda, cuda:1 … (default: CUDA when present)")
+    serve.add_argument(
+        "--tracker",
+        default=os.environ.get("TAPMASK_TRACKER") or "flow",
+        help="video tracker for Label Studio video regions (default: $TAPMASK_TRACKER or flow)",
+    )
     serve.set_defaults(func=_cmd_serve)
 
     prefetch = sub.add_parser(

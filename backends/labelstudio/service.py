@@ -23,7 +23,7 @@ from backends.dispatch import Dispatcher
 from backends.errors import EmptyMask, InvalidRequest, TapmaskError
 from backends.labelstudio.client import Credentials, ImageClient, check_url
 from backends.labelstudio.frames import frame_for
-from backends.labelstudio.labelconfig import Control, LabelConfig
+from backends.labelstudio.labelconfig import VIDEO_TYPES, Control, LabelConfig
 from backends.labelstudio.predict import (
     ObjectRequest,
     PredictRequest,
@@ -31,7 +31,10 @@ from backends.labelstudio.predict import (
     regions,
     to_prompt,
 )
+from backends.labelstudio.video import VideoTracking
+from backends.labelstudio.videoregions import regions_from_context
 from backends.settings import MAX_REQUEST_MB, PREFETCH_QUEUE, max_bytes, model_name
+from backends.video.decode import VideoFrames
 
 log = logging.getLogger("tapmask.labelstudio")
 
@@ -52,6 +55,18 @@ class Settings:
     prefetch_threads: int = 2
     prefetch_queue: int = field(default_factory=lambda: int(PREFETCH_QUEUE))
     polygon_tolerance: float = 1.0
+    # Video regions (videorectangle): the tracker, how far one request follows an object, and
+    # when to answer with what is tracked so far (Label Studio waits 100 s for /predict).
+    tracker: str = field(default_factory=lambda: _env("TAPMASK_TRACKER") or "flow")
+    video_track_seconds: float = field(
+        default_factory=lambda: float(_env("TAPMASK_VIDEO_TRACK_SECONDS") or 4.0)
+    )
+    video_track_deadline_s: float = field(
+        default_factory=lambda: float(_env("TAPMASK_VIDEO_TRACK_DEADLINE_S") or 60.0)
+    )
+    video_frame_cache_mb: float = field(
+        default_factory=lambda: float(_env("TAPMASK_VIDEO_FRAME_CACHE_MB") or 512.0)
+    )
 
     @property
     def model_version(self) -> str:
@@ -82,6 +97,13 @@ class Projects:
         return Credentials(env.url or pushed.url, env.token or pushed.token)
 
 
+def _is_video(result: Any) -> bool:
+    """Whether the smart regions are video regions (Label Studio never mixes types)."""
+    return isinstance(result, list) and any(
+        isinstance(item, dict) and item.get("type") in VIDEO_TYPES for item in result
+    )
+
+
 def project_id(project: Any) -> str | None:
     """``"12.1795267061"`` → ``"12"`` (Label Studio appends the project's creation time)."""
     return None if project is None else str(project).split(".")[0]
@@ -105,14 +127,24 @@ class LabelStudioService:
             self.settings.prefetch_threads, thread_name_prefix="ls-prefetch"
         )
         self._prefetches = threading.BoundedSemaphore(self.settings.prefetch_queue)
+        self.video = VideoTracking(
+            dispatcher,
+            self.client,
+            VideoFrames(int(self.settings.video_frame_cache_mb * 2**20)),
+            tracker=self.settings.tracker,
+            seconds=self.settings.video_track_seconds,
+            deadline_s=self.settings.video_track_deadline_s,
+        )
 
     def close(self) -> None:
         self._prefetcher.shutdown(wait=False, cancel_futures=True)
+        self.video.close()
 
     def stats(self) -> dict[str, dict[str, float]]:
         """Cache counters for ``/metrics``: the dispatcher's and the image downloads'."""
         stats = dict(self.dispatcher.stats())
         stats["image-downloads"] = vars(self.client.cache.stats)
+        stats["video-frames"] = self.video.frames.stats()
         return stats
 
     # -- endpoints ---------------------------------------------------------------------------
@@ -146,6 +178,11 @@ class LabelStudioService:
             # Nothing to show yet: an empty list stores no junk prediction in Label Studio.
             return {"results": []}
         task = request.tasks[0]
+        if _is_video(context["result"]):
+            regions = regions_from_context(context["result"])
+            return self.video.predict(
+                task, config, regions, creds, model_version=self.settings.model_version
+            )
         # Everything the request controls is checked before the first download: counts and
         # declared sizes (objects_from_context), image URLs and labels (_plan).
         planned = [self._plan(task, obj, config, creds) for obj in objects_from_context(context)]

@@ -1,0 +1,265 @@
+"""Label Studio video regions: the backend tracks a keyframe box through a real MP4 file.
+
+The backend runs as its own process (``tapmask serve labelstudio``, the flow tracker) and
+downloads the video from a local file host; the clip is a synthetic one built from GrabCut
+objects with per-frame ground truth (``backends.video.synthetic``), so the answer's boxes are
+checked against where the object really is.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from backends.errors import InvalidRequest, TooManyObjects
+from backends.labelstudio.labelconfig import LabelConfig, VideoTag
+from backends.labelstudio.videoregions import (
+    frame_index,
+    framerate,
+    frames_count,
+    parse_region,
+    regions_from_context,
+)
+from backends.video.synthetic import build_clip
+from tests.conftest import REPO
+from tests.support.servers import BackendProcess
+from tests.support.video_clips import box_iou, file_host, percent_box, write_mp4
+
+# The labeling config users copy from the README: the tests prove that one works.
+CONFIG = (
+    (REPO / "README.md")
+    .read_text()
+    .split("<!-- video-labeling-config -->\n```xml\n")[1]
+    .split("```")[0]
+)
+FPS = 25.0
+
+
+def _region(keyframes: list[dict], region_id: str = "vid_1", labels=("Object",)) -> dict:
+    """A region as Label Studio 1.23.2's editor serialises it (``VideoRegion.serialize``)."""
+    return {
+        "id": region_id,
+        "type": "videorectangle",
+        "from_name": "box",
+        "to_name": "video",
+        "origin": "manual",
+        "value": {
+            "framesCount": 60,
+            "duration": 2.4,
+            "sequence": [
+                {"enabled": True, "rotation": 0, "time": k["frame"] / FPS, **k} for k in keyframes
+            ],
+            "labels": list(labels),
+        },
+    }
+
+
+def _predict(url: str, video_url: str, regions: list[dict]) -> dict:
+    return {
+        "tasks": [{"id": 7, "data": {"video": video_url}, "annotations": [], "predictions": []}],
+        "project": "3.1795267061",
+        "label_config": CONFIG,
+        "params": {"login": None, "password": None, "context": {"result": regions}},
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Regions, frames and framerates (no server)
+
+
+def test_the_readme_config_declares_the_video_and_its_framerate():
+    config = LabelConfig.parse(CONFIG)
+    assert config.videos == {"video": VideoTag("video", "video", "25")}
+    assert [(c.name, c.type, c.to_name) for c in config.controls] == [
+        ("box", "videorectangle", "video")
+    ]
+
+
+def test_label_studio_frames_map_to_decoded_frames_through_the_task_framerate():
+    # Frame 1 is the first decoded frame; Label Studio's framerate, not the container's, counts.
+    assert [frame_index(f, 25.0, 25.0, 60) for f in (1, 2, 60, 61, 500)] == [0, 1, 59, 59, 59]
+    assert frame_index(3, 12.5, 25.0, 60) == 4  # a config at half the real rate skips frames
+    assert frames_count(2.4, 25.0) == 60
+    tag = VideoTag("video", "video", "$fps")
+    assert framerate(tag, {"fps": 30}) == 30.0
+    assert framerate(tag, {"fps": 0.5}) == 2.0  # Label Studio inverts a rate under 1
+    assert framerate(tag, {}) == 24.0  # and falls back to 24
+    assert framerate(VideoTag("v", "v", "nonsense"), None) == 24.0
+
+
+def test_a_region_is_tracked_from_a_keyframe_the_annotator_placed():
+    drawn = parse_region(_region([{"frame": 9, "x": 1, "y": 2, "width": 3, "height": 4}]), "r")
+    assert drawn.start().frame == 9
+    # Tracked already (the last two keyframes on consecutive frames): nothing to do.
+    tracked = parse_region(
+        _region([{"frame": f, "x": 1, "y": 2, "width": 3, "height": 4} for f in (9, 10, 11)]),
+        "r",
+    )
+    assert tracked.start() is None
+    # A keyframe placed after the track: tracked on from there.
+    moved_on = parse_region(
+        _region([{"frame": f, "x": 1, "y": 2, "width": 3, "height": 4} for f in (9, 10, 40)]),
+        "r",
+    )
+    assert moved_on.start().frame == 40
+    ended = parse_region(
+        _region([{"frame": 9, "x": 1, "y": 2, "width": 3, "height": 4, "enabled": False}]), "r"
+    )
+    assert ended.start() is None
+
+
+@pytest.mark.parametrize(
+    ("keyframe", "problem"),
+    [
+        ({"frame": 0, "x": 1, "y": 1, "width": 1, "height": 1}, "frame"),
+        ({"frame": 1.5, "x": 1, "y": 1, "width": 1, "height": 1}, "frame"),
+        ({"frame": 1, "x": "1", "y": 1, "width": 1, "height": 1}, ".x"),
+        ({"frame": 1, "x": 1, "y": 1, "width": -1, "height": 1}, "negative"),
+        ({"frame": 1, "x": float("nan"), "y": 1, "width": 1, "height": 1}, ".x"),
+    ],
+)
+def test_malformed_keyframes_are_refused_naming_the_field(keyframe, problem):
+    with pytest.raises(InvalidRequest) as caught:
+        regions_from_context([_region([keyframe])])
+    assert problem in str(caught.value) and caught.value.status == 422
+
+
+def test_too_many_regions_are_refused_before_any_download(monkeypatch):
+    monkeypatch.setenv("TAPMASK_MAX_OBJECTS", "2")
+    regions = [_region([{"frame": 1, "x": 1, "y": 1, "width": 1, "height": 1}])] * 3
+    with pytest.raises(TooManyObjects):
+        regions_from_context(regions)
+
+
+# --------------------------------------------------------------------------------------------
+# The backend process, a real MP4 file
+
+
+@pytest.fixture(scope="module")
+def clip_files(tmp_path_factory, grabcut_dir) -> tuple[Path, list[list[np.ndarray]]]:
+    folder = tmp_path_factory.mktemp("videos")
+    clip = build_clip(grabcut_dir, objects=2, frames=60, width=640, height=360, seed=0)
+    truth = write_mp4(clip, folder / "clip.mp4", FPS)
+    return folder, truth
+
+
+@pytest.fixture(scope="module")
+def host(clip_files) -> Iterator[str]:
+    with file_host(clip_files[0]) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def backend(tmp_path_factory) -> Iterator[BackendProcess]:
+    log = tmp_path_factory.mktemp("backend") / "backend.log"
+    server = BackendProcess({}, log)  # defaults: the flow tracker, 4 s of video a request
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def test_a_keyframe_box_is_tracked_through_the_clip(backend, host, clip_files):
+    _, truth = clip_files
+    start = percent_box(truth[0][0])  # object 0 on frame 1 (the first decoded frame)
+    payload = _predict(backend.url, f"{host}/clip.mp4", [_region([{"frame": 1, **start}])])
+    response = backend.http.post("/predict", json=payload, timeout=120)
+    assert response.status_code == 200, response.text
+    [prediction] = response.json()["results"]
+    [region] = prediction["result"]
+    assert region["id"] == "vid_1"  # Label Studio replaces the annotator's region with it
+    assert (region["type"], region["from_name"], region["to_name"]) == (
+        "videorectangle",
+        "box",
+        "video",
+    )
+    value = region["value"]
+    assert value["labels"] == ["Object"]
+    assert (value["framesCount"], value["duration"]) == (60, 2.4)
+    sequence = value["sequence"]
+    frames = [k["frame"] for k in sequence]
+    assert frames == sorted(frames) and frames[0] == 1 and frames[-1] <= 60
+    assert len(frames) >= 50  # one keyframe a frame while the object is followed
+    for k in sequence:
+        assert set(k) == {"frame", "enabled", "rotation", "x", "y", "width", "height", "time"}
+        assert k["time"] == pytest.approx(k["frame"] / FPS)
+    # The boxes follow the ground truth: LS frame f is decoded frame f - 1.
+    ious = [box_iou(k, truth[k["frame"] - 1][0]) for k in sequence]
+    assert np.mean(ious) >= 0.7, ious
+    print(f"\nbox IoU over {len(ious)} frames: mean {np.mean(ious):.3f}, min {min(ious):.3f}")
+    # Asked again, the same video is not downloaded or decoded again (frames cached).
+    again = backend.http.post("/predict", json=payload, timeout=120)
+    assert again.json()["results"][0]["result"][0]["value"]["sequence"] == sequence
+    metrics = backend.http.get("/metrics").text
+    assert 'tapmask_cache_hits_total{cache="video-frames"}' in metrics
+
+
+def test_an_object_that_leaves_the_frame_ends_its_track(backend, tmp_path):
+    # A textured square moving right 8 px a frame over a still background: it leaves the
+    # 320-px frame on frame 22 (decoded 21: x = 318).
+    rng = np.random.default_rng(1)
+    background = cv2.GaussianBlur(rng.integers(0, 255, (180, 320, 3), dtype=np.uint8), (0, 0), 3)
+    background = (background * 0.5 + 60).astype(np.uint8)
+    square = cv2.GaussianBlur(rng.integers(0, 255, (50, 50, 3), dtype=np.uint8), (0, 0), 1.5)
+    square[:, :, 0] = 255
+    writer = cv2.VideoWriter(
+        str(tmp_path / "exit.mp4"), cv2.VideoWriter_fourcc(*"mp4v"), 25, (320, 180)
+    )
+    for i in range(40):
+        frame = background.copy()
+        x = 150 + 8 * i
+        if x < 320:
+            frame[60:110, x : min(320, x + 50)] = square[:, : min(50, 320 - x)]
+        writer.write(frame)
+    writer.release()
+    start = {"frame": 1, "x": 150 / 320 * 100, "y": 60 / 180 * 100, "width": 50 / 320 * 100}
+    start["height"] = 50 / 180 * 100
+    with file_host(tmp_path) as url:
+        payload = _predict(backend.url, f"{url}/exit.mp4", [_region([start])])
+        response = backend.http.post("/predict", json=payload, timeout=120)
+    assert response.status_code == 200, response.text
+    sequence = response.json()["results"][0]["result"][0]["value"]["sequence"]
+    *shown, last = sequence
+    assert all(k["enabled"] for k in shown)
+    assert last["enabled"] is False  # hidden after its last frame in view
+    assert 18 <= last["frame"] <= 22
+    assert last["x"] + last["width"] == pytest.approx(100, abs=3)  # at the right edge
+
+
+def test_a_video_request_over_the_limits_answers_its_code(backend, host):
+    region = _region([{"frame": 1, "x": 10, "y": 10, "width": 20, "height": 20}])
+    payload = _predict(backend.url, f"{host}/missing.mp4", [region])
+    response = backend.http.post("/predict", json=payload)
+    assert response.status_code == 404 and response.json()["error"] == "image_not_found"
+    payload["tasks"][0]["data"] = {}
+    response = backend.http.post("/predict", json=payload)
+    assert response.status_code == 422 and "data.video" in response.json()["detail"]
+
+
+def test_a_1080p_request_answers_within_label_studios_budget(backend, tmp_path, grabcut_dir):
+    """Label Studio waits 100 s for /predict; 4 s of 1080p video at 25 fps (the default
+    TAPMASK_VIDEO_TRACK_SECONDS) with the flow tracker on CPU must come back well within it."""
+    clip = build_clip(grabcut_dir, objects=1, frames=101, width=1920, height=1080, seed=3)
+    truth = write_mp4(clip, tmp_path / "hd.mp4", FPS)
+    start = percent_box(truth[0][0])
+    region = _region([{"frame": 1, **start}])
+    region["value"].update(framesCount=101, duration=101 / FPS)
+    with file_host(tmp_path) as url:
+        payload = _predict(backend.url, f"{url}/hd.mp4", [region])
+        began = time.perf_counter()
+        response = backend.http.post("/predict", json=payload, timeout=120)
+        took = time.perf_counter() - began
+    assert response.status_code == 200, response.text
+    sequence = response.json()["results"][0]["result"][0]["value"]["sequence"]
+    print(
+        f"\n1080p: {len(sequence)} keyframes in {took:.1f} s ({len(sequence) / took:.1f} frames/s)"
+    )
+    assert len(sequence) == 101  # frames 1 … 101: the keyframe and 4 s after it
+    assert took < 90
+    ious = [box_iou(k, truth[k["frame"] - 1][0]) for k in sequence]
+    assert np.mean(ious) >= 0.7
