@@ -122,3 +122,10 @@ from backends.models import hf as _hf  # noqa: E402  (the name table only: no to
 
 for _info in _hf.MODELS.values():
     register(ModelSpec(_info.name, "backends.models.hf:build", _info.description, extra="hf"))
+
+for _info in _hf.VIDEO_MODELS.values():
+    register(
+        ModelSpec(
+            _info.name, "backends.models.hf.video:build", _info.description, "hf", kind="tracker"
+        )
+    )

@@ -63,6 +63,18 @@ EDGETAM = Family(
     "edgetam", "EdgeTAM", "EdgeTamModel", ("edgetam", "edgetam_video"), "EDGETAM_MODEL_DIR"
 )
 FAMILIES = {family.key: family for family in (SAM, SAM_HQ, SAM2, EDGETAM)}
+#: Video predictors (``backends.models.hf.video``): the same hub repositories and directories
+#: as the image models (one checkpoint serves both), read with the video model classes.
+SAM2_VIDEO = Family(
+    "sam2_video", "SAM 2.1 video", "Sam2VideoModel", ("sam2_video", "sam2"), "SAM2_MODEL_DIR"
+)
+EDGETAM_VIDEO = Family(
+    "edgetam_video",
+    "EdgeTAM video",
+    "EdgeTamVideoModel",
+    ("edgetam_video", "edgetam"),
+    "EDGETAM_MODEL_DIR",
+)
 
 #: The word for each SAM ViT size in the hub repositories' names.
 _VIT_NAMES = {"vit_b": "base", "vit_l": "large", "vit_h": "huge"}
@@ -105,8 +117,23 @@ def _sam_models() -> dict[str, HfModel]:
     return table
 
 
-#: Every model of this package by registry name.
+def _video_models(images: Mapping[str, HfModel]) -> dict[str, HfModel]:
+    """``<image model>-video`` for SAM 2.1 (every size) and EdgeTAM: video trackers."""
+    table: dict[str, HfModel] = {}
+    for base in [f"sam2.1-hiera-{size}" for size in HIERA_SIZES] + ["edgetam"]:
+        info = images[base]
+        family = SAM2_VIDEO if info.family is SAM2 else EDGETAM_VIDEO
+        description = info.description.replace(" (transformers", " video tracker (transformers")
+        table[f"{base}-video"] = HfModel(
+            f"{base}-video", family, info.repo_id, description, info.fingerprint, info.variant
+        )
+    return table
+
+
+#: Every image model of this package by registry name.
 MODELS: dict[str, HfModel] = _sam_models()
+#: Every video tracker of this package by registry name (``<image model>-video``).
+VIDEO_MODELS: dict[str, HfModel] = _video_models(MODELS)
 
 #: Files fetched from the hub: the model, its config and the processor's config; nothing else.
 HUB_FILES = (
@@ -125,7 +152,7 @@ def names() -> list[str]:
 
 def model_info(name: str) -> HfModel:
     try:
-        return MODELS[name]
+        return MODELS[name] if name in MODELS else VIDEO_MODELS[name]
     except KeyError:
         raise ModelNotFound(
             f"unknown transformers model {name!r}; known: {', '.join(names())}"
@@ -141,7 +168,7 @@ def model_directory(name: str, checkpoint: str | os.PathLike[str] | None = None)
     env = os.environ.get(info.family.env)
     if env:
         return Path(env).expanduser()
-    return models_dir() / name
+    return models_dir() / name.removesuffix("-video")  # a tracker reads its image model's files
 
 
 def build(
@@ -230,6 +257,7 @@ __all__ = [
     "FAMILIES",
     "HUB_FILES",
     "MODELS",
+    "VIDEO_MODELS",
     "Family",
     "HfModel",
     "build",
