@@ -41,7 +41,7 @@ from backends.labelstudio.videoregions import (
     keyframe,
     region_result,
 )
-from backends.prompts import Box, TrackTarget
+from backends.prompts import Box, TrackAnswer, TrackTarget
 from backends.settings import MAX_TRACK_FRAMES, MAX_VIDEO_MB, VIDEO_DOWNLOAD_DEADLINE_S, max_bytes
 from backends.video.decode import Video, VideoFrames
 
@@ -68,14 +68,16 @@ class VideoTracking:
         frames: VideoFrames | None = None,
         *,
         tracker: str = "flow",
-        seconds: float = 4.0,
+        seconds: float | None = 4.0,
         deadline_s: float = 60.0,
+        batch: bool = False,
     ) -> None:
         self.dispatcher = dispatcher
         self.client = client
         self.frames = frames or VideoFrames()
         self.tracker = tracker
-        self.seconds = seconds
+        self.seconds = seconds  # None: to the end of the video (TAPMASK_MAX_TRACK_FRAMES)
+        self.batch = batch  # whole-project work: interactive requests overtake it
         self.deadline_s = deadline_s
         self._videos: OrderedDict[str, str] = OrderedDict()  # URL → sha256 of its bytes
         self._lock = threading.Lock()
@@ -178,7 +180,12 @@ class VideoTracking:
         if start is None:
             raise InvalidRequest(f"region {region.id} has no keyframe to track from")
         total = self._frames_count(region, video, ls_fps)
-        wanted = max_frames if max_frames is not None else round(self.seconds * ls_fps)
+        if max_frames is not None:
+            wanted = max_frames
+        elif self.seconds is not None:
+            wanted = round(self.seconds * ls_fps)
+        else:
+            wanted = total - start.frame
         limit = int(MAX_TRACK_FRAMES)
         if wanted > limit:
             log.info("tracking %d frames at most (TAPMASK_MAX_TRACK_FRAMES), not %d", limit, wanted)
@@ -196,7 +203,7 @@ class VideoTracking:
                 f"decodable frame ({video.frame_count} at {video.fps:g} fps)"
             )
         index, image = first
-        answer = self.dispatcher.track(self.tracker, image, [TrackTarget(box=box)])[0]
+        answer = self._track(image, TrackTarget(box=box))
         scores, ran, lost = [answer.score], 1, 0
         visible = True
         previous_index = index
@@ -211,7 +218,7 @@ class VideoTracking:
                 except StopIteration:  # the video ends before Label Studio's frame count
                     break
                 target = TrackTarget(box=box, state=answer.state)
-                answer = self.dispatcher.track(self.tracker, image, [target])[0]
+                answer = self._track(image, target)
                 previous_index, ran = index, ran + 1
             if answer.lost or answer.box is None:
                 lost += 1
@@ -232,6 +239,13 @@ class VideoTracking:
         return Tracked(result, ran, lost, time.monotonic() - started)
 
     # -- internals ----------------------------------------------------------------------------
+    def _track(self, image: bytes, target: TrackTarget) -> TrackAnswer:
+        if self.batch:
+            answers = self.dispatcher.track(self.tracker, image, [target], batch=True)
+        else:
+            answers = self.dispatcher.track(self.tracker, image, [target])
+        return answers[0]
+
     def _decoded(
         self, video: Video, first: int, last: int, ls_fps: float
     ) -> Iterator[tuple[int, bytes]]:
