@@ -263,3 +263,95 @@ def test_a_1080p_request_answers_within_label_studios_budget(backend, tmp_path, 
     assert took < 90
     ious = [box_iou(k, truth[k["frame"] - 1][0]) for k in sequence]
     assert np.mean(ious) >= 0.7
+
+
+# --------------------------------------------------------------------------------------------
+# The Redis worker pool serves the same tracking, configuration only
+
+
+def test_a_redis_worker_tracks_the_same_region_as_the_in_process_tracker(
+    clip_files, tmp_path, monkeypatch
+):
+    from fastapi.testclient import TestClient
+
+    from backends.dispatch import dispatcher_from_env
+    from backends.labelstudio.app import Settings, create_app
+    from backends.labelstudio.client import ImageClient
+    from backends.redis.dispatcher import RedisDispatcher
+    from tests.support.fake_labelstudio import FakeLabelStudio
+    from tests.support.processes import RedisServer, WorkerProcess
+
+    folder, truth = clip_files
+    fake_ls = FakeLabelStudio()
+    fake_ls.files["/data/upload/3/clip.mp4"] = ((folder / "clip.mp4").read_bytes(), "video/mp4")
+    region = _region([{"frame": 5, **percent_box(truth[4][1])}])
+    payload = _predict("", "/data/upload/3/clip.mp4", [region])  # relative: Label Studio's own
+
+    def answer(dispatcher) -> dict:
+        settings = Settings(
+            model="grabcut",
+            tracker="flow",
+            label_studio_url=fake_ls.url,
+            api_key=fake_ls.legacy_token,
+            video_track_seconds=1.0,
+        )
+        with TestClient(create_app(dispatcher, settings, ImageClient(timeout=5))) as client:
+            response = client.post("/predict", json=payload)
+        assert response.status_code == 200, response.text
+        return response.json()["results"][0]["result"][0]
+
+    try:
+        local = answer(dispatcher_from_env(["grabcut", "flow"]))
+        with RedisServer() as server:
+            worker = WorkerProcess(server.url, ["flow"], name="tracker", log_dir=str(tmp_path))
+            try:
+                worker.wait_ready(server.client())
+                monkeypatch.setenv("TAPMASK_REDIS_URL", server.url)
+                dispatcher = dispatcher_from_env(["grabcut", "flow"])
+                assert isinstance(dispatcher, RedisDispatcher)
+                pooled = answer(dispatcher)
+                dispatcher.close()
+                frames_stored = len(list(server.client().scan_iter("tapmask:img:*")))
+            finally:
+                worker.stop(timeout=5)
+    finally:
+        fake_ls.close()
+    assert pooled == local
+    assert [k["frame"] for k in pooled["value"]["sequence"]] == list(range(5, 31))
+    assert frames_stored == 26  # each frame sent once, as image bytes
+    # Downloaded from Label Studio with its token (relative URL), twice: once per backend.
+    downloads = [auth for path, auth in fake_ls.requests if path.endswith("clip.mp4")]
+    assert downloads == [f"Token {fake_ls.legacy_token}"] * 2
+
+
+def test_opening_a_video_task_downloads_its_video_before_the_first_request(clip_files):
+    from fastapi.testclient import TestClient
+
+    from backends.dispatch import dispatcher_from_env
+    from backends.labelstudio.app import Settings, create_app
+    from tests.support.fake_labelstudio import FakeLabelStudio
+
+    folder, truth = clip_files
+    fake_ls = FakeLabelStudio()
+    fake_ls.files["/data/upload/3/clip.mp4"] = ((folder / "clip.mp4").read_bytes(), "video/mp4")
+    settings = Settings(label_studio_url=fake_ls.url, api_key=fake_ls.legacy_token)
+    settings.video_track_seconds = 0.4
+    try:
+        with TestClient(create_app(dispatcher_from_env(["grabcut", "flow"]), settings)) as client:
+            opened = _predict("", "/data/upload/3/clip.mp4", [])
+            opened["params"]["context"] = None  # task open: no regions yet
+            assert client.post("/predict", json=opened).json() == {"results": []}
+            tracking = client.app.state.service.video
+            deadline = time.monotonic() + 30
+            while not tracking._videos and time.monotonic() < deadline:
+                time.sleep(0.05)  # downloaded and probed in the background
+            assert [path for path, _ in fake_ls.requests] == ["/data/upload/3/clip.mp4"]
+            region = _region([{"frame": 1, **percent_box(truth[0][0])}])
+            response = client.post(
+                "/predict", json=_predict("", "/data/upload/3/clip.mp4", [region])
+            )
+            assert response.status_code == 200, response.text
+            assert len(response.json()["results"][0]["result"][0]["value"]["sequence"]) == 11
+    finally:
+        fake_ls.close()
+    assert len(fake_ls.requests) == 1  # the click did not download the video again

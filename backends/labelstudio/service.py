@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from backends import __version__, images
 from backends.dispatch import Dispatcher
-from backends.errors import EmptyMask, InvalidRequest, TapmaskError
+from backends.errors import EmptyMask, InvalidRequest
 from backends.labelstudio.client import Credentials, ImageClient, check_url
 from backends.labelstudio.frames import frame_for
 from backends.labelstudio.labelconfig import VIDEO_TYPES, Control, LabelConfig
@@ -285,11 +285,14 @@ class LabelStudioService:
         self, request: PredictRequest, config: LabelConfig, creds: Credentials
     ) -> None:
         for task in request.tasks:
-            for to_name in config.images:
-                try:
-                    url = self._task_image(task, config, to_name)
-                except TapmaskError as exc:
-                    log.info("task %s: nothing to prefetch (%s)", task.get("id"), exc)
+            # Images: their embeddings; videos: the download (decoded when first tracked).
+            keys = [(key, False) for key in config.images.values()]
+            keys += [(tag.key, True) for tag in config.videos.values() if tag.key]
+            for key, is_video in keys:
+                data = task.get("data")
+                url = data.get(key) if isinstance(data, dict) else None
+                if not isinstance(url, str) or not url:
+                    log.info("task %s: nothing to prefetch (no data.%s)", task.get("id"), key)
                     continue
                 if not self._prefetches.acquire(blocking=False):
                     log.info(
@@ -299,11 +302,14 @@ class LabelStudioService:
                         self.settings.prefetch_queue,
                     )
                     continue
-                self._prefetcher.submit(self._prefetch_one, task.get("id"), url, creds)
+                self._prefetcher.submit(self._prefetch_one, task.get("id"), url, creds, is_video)
 
-    def _prefetch_one(self, task_id: Any, url: str, creds: Credentials) -> None:
+    def _prefetch_one(self, task_id: Any, url: str, creds: Credentials, is_video: bool) -> None:
         try:
-            self.dispatcher.prefetch(self.settings.model, self.client.fetch(url, creds))
+            if is_video:
+                self.video.video(url, creds)
+            else:
+                self.dispatcher.prefetch(self.settings.model, self.client.fetch(url, creds))
         except Exception as exc:  # background work: log, never raise
             log.warning("task %s: prefetch failed: %s", task_id, exc)
         finally:
