@@ -122,7 +122,7 @@ def _cmd_weights(args: argparse.Namespace) -> int:
         print("tapmask weights: name a model (tapmask models) or use --convert", file=sys.stderr)
         return 2
     for name in args.names:
-        if name in hf.MODELS:
+        if name in hf.MODELS or name in hf.DETECTORS:
             print(hf.download(name, Path(args.dest) / name if args.dest else None))
         else:
             print(weights.download(name, Path(args.dest) if args.dest else None))

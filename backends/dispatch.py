@@ -20,6 +20,7 @@ from typing import Protocol
 import numpy as np
 
 from backends.engine import Engine
+from backends.models.detection import Detection, Thresholds
 from backends.prompts import Prompt, Segmentation
 
 log = logging.getLogger(__name__)
@@ -27,9 +28,29 @@ log = logging.getLogger(__name__)
 
 class Dispatcher(Protocol):
     def segment(
-        self, model: str, image: bytes, prompt: Prompt, *, timeout: float | None = None
+        self,
+        model: str,
+        image: bytes,
+        prompt: Prompt,
+        *,
+        timeout: float | None = None,
+        batch: bool = False,
     ) -> Segmentation:
-        """The mask for ``prompt`` on ``image`` (file bytes). Raises ``TapmaskError``s."""
+        """The mask for ``prompt`` on ``image`` (file bytes). Raises ``TapmaskError``s.
+        ``batch=True``: batch work (pre-annotation), which interactive clicks overtake."""
+        ...
+
+    def detect(
+        self,
+        detector: str,
+        image: bytes,
+        prompts: list[str],
+        thresholds: Thresholds | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> list[Detection]:
+        """Detector ``detector``'s boxes for the phrases ``prompts`` on ``image``, best first
+        (``Detection.prompt_index`` indexes ``prompts``). Batch work."""
         ...
 
     def prefetch(self, model: str, image: bytes) -> None:
@@ -64,9 +85,26 @@ class LocalDispatcher:
         self._max_pending = max_pending
 
     def segment(
-        self, model: str, image: bytes, prompt: Prompt, *, timeout: float | None = None
+        self,
+        model: str,
+        image: bytes,
+        prompt: Prompt,
+        *,
+        timeout: float | None = None,
+        batch: bool = False,
     ) -> Segmentation:
         return self.engine.segment(model, image, prompt)
+
+    def detect(
+        self,
+        detector: str,
+        image: bytes,
+        prompts: list[str],
+        thresholds: Thresholds | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> list[Detection]:
+        return self.engine.detect(detector, image, prompts, thresholds)
 
     def prefetch(self, model: str, image: bytes) -> None:
         self.engine.model(model)  # unknown model: fail in the caller, not silently later
