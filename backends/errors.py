@@ -144,6 +144,14 @@ class ImageNotFound(ImageFetchError, status=404, code="image_not_found"):
     """The image URL answered 404."""
 
 
+class LabelStudioApiError(TapmaskError, RuntimeError, status=502, code="label_studio_api"):
+    """Label Studio's REST API refused or failed a call of a whole-project command."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.upstream_status = status
+
+
 class ImageAuthError(ImageFetchError, status=502, code="image_auth_failed"):
     """The image host refused our credentials (401/403), or the token exchange failed."""
 
