@@ -1,4 +1,6 @@
-"""Model names users type (``grabcut``, ``sam-vit_h``, ``ritm-h18``…) → factories.
+"""Model names users type (``grabcut``, ``sam-vit_h``, ``ritm-h18``, ``grounding-dino-tiny``…) →
+factories. A spec's ``kind`` says what its factory builds: a ``Segmenter`` (clicks and boxes →
+mask) or a ``Detector`` (text → boxes, ``backends.models.detection``).
 
 Factories import their heavy dependencies (torch, segment-anything) only when called, so importing
 the registry, and everything that uses it, stays torch-free.
@@ -12,11 +14,14 @@ from dataclasses import dataclass
 
 from backends.errors import ModelLoadError, ModelNotFound
 from backends.models.base import Segmenter
+from backends.models.detection import Detector
 from backends.models.sizes import SAM_VIT_SIZES
 from backends.models.tracking import Tracker
 
-#: A factory builds a ``Segmenter`` (images) or a ``Tracker`` (video, ``kind="tracker"``).
-Factory = Callable[..., Segmenter | Tracker]
+#: A factory builds a ``Segmenter`` (images), a ``Tracker`` (video, ``kind="tracker"``) or a
+#: ``Detector`` (text → boxes, ``kind="detector"``).
+Factory = Callable[..., Segmenter | Tracker | Detector]
+KINDS = ("segmenter", "tracker", "detector")
 
 
 @dataclass(frozen=True)
@@ -26,7 +31,11 @@ class ModelSpec:
     description: str
     extra: str | None = None  # the pip extra that provides its dependencies
     kwargs: tuple[tuple[str, object], ...] = ()
-    kind: str = "segmenter"  # or "tracker": follows objects through video frames
+    kind: str = "segmenter"  # "tracker": follows objects through video; "detector": text → boxes
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"model kind must be one of {KINDS}, got {self.kind!r}")
 
 
 def trackers() -> list[str]:
@@ -41,8 +50,9 @@ def register(spec: ModelSpec) -> None:
     _SPECS[spec.name] = spec
 
 
-def names() -> list[str]:
-    return sorted(_SPECS)
+def names(kind: str | None = None) -> list[str]:
+    """Every registered name, or those of one ``kind`` ("segmenter", "detector")."""
+    return sorted(name for name, spec in _SPECS.items() if kind is None or spec.kind == kind)
 
 
 def spec(name: str) -> ModelSpec:
@@ -52,7 +62,7 @@ def spec(name: str) -> ModelSpec:
         raise ModelNotFound(f"unknown model {name!r}; known models: {', '.join(names())}") from None
 
 
-def create(name: str, **options: object) -> Segmenter | Tracker:
+def create(name: str, **options: object) -> Segmenter | Tracker | Detector:
     """Build model ``name``; ``options`` override the spec's defaults (checkpoint, device…)."""
     model_spec = spec(name)
     module_name, _, func_name = model_spec.target.partition(":")
@@ -127,5 +137,15 @@ for _info in _hf.VIDEO_MODELS.values():
     register(
         ModelSpec(
             _info.name, "backends.models.hf.video:build", _info.description, "hf", kind="tracker"
+        )
+    )
+for _info in _hf.DETECTORS.values():
+    register(
+        ModelSpec(
+            _info.name,
+            "backends.models.hf:build_detector",
+            _info.description,
+            extra="hf",
+            kind="detector",
         )
     )
