@@ -140,6 +140,32 @@ def _cmd_annotate(args: argparse.Namespace) -> int:
     return summary.exit_code
 
 
+def _cmd_track(args: argparse.Namespace) -> int:
+    from backends.dispatch import dispatcher_from_env
+    from backends.labelstudio.api import LabelStudioApi
+    from backends.labelstudio.track import track_project
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per API call otherwise
+    options = {"device": args.device} if args.device else {}
+    dispatcher = dispatcher_from_env([args.tracker], {args.tracker: args.checkpoint}, **options)
+    try:
+        with LabelStudioApi(args.label_studio, args.token) as api:
+            summary = track_project(
+                api,
+                dispatcher,
+                args.project,
+                tracker=args.tracker,
+                seconds=args.seconds,
+                task_ids=args.tasks,
+                force=args.force,
+                concurrency=args.concurrency,
+            )
+    finally:
+        dispatcher.close()
+    print(summary.report())
+    return summary.exit_code
+
+
 def _task_ids(text: str) -> list[int]:
     try:
         return [int(v) for v in text.split(",") if v.strip()]
@@ -310,6 +336,30 @@ def build_parser() -> argparse.ArgumentParser:
     annotate.add_argument("--device", help="cpu, cuda … (in-process models only)")
     annotate.add_argument("--plugin", action="append", help="module registering extra models")
     annotate.set_defaults(func=_cmd_annotate)
+
+    track = sub.add_parser(
+        "track",
+        help="track every keyframed video region of a Label Studio project (predictions)",
+    )
+    track.add_argument("--project", type=int, required=True)
+    track.add_argument("--tasks", type=_task_ids, help="only these task ids: 1,2,3")
+    track.add_argument(
+        "--tracker",
+        default=os.environ.get("TAPMASK_TRACKER") or "flow",
+        help="video tracker (default: $TAPMASK_TRACKER or flow)",
+    )
+    track.add_argument(
+        "--seconds",
+        type=float,
+        help="video tracked after each keyframe (default: to the end, TAPMASK_MAX_TRACK_FRAMES)",
+    )
+    track.add_argument("--force", action="store_true", help="track tasks already tracked again")
+    track.add_argument("--concurrency", type=int, default=2, help="tasks in flight")
+    track.add_argument("--label-studio", default=os.environ.get("LABEL_STUDIO_URL"))
+    track.add_argument("--token", help="default: LABEL_STUDIO_API_KEY (never logged)")
+    track.add_argument("--checkpoint", help="the tracker's checkpoint (model directory)")
+    track.add_argument("--device", help="cpu, cuda … (in-process trackers only)")
+    track.set_defaults(func=_cmd_track)
 
     worker = sub.add_parser("worker", help="a Redis/rq worker serving the shared queues")
     add_worker_arguments(worker)

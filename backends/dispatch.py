@@ -70,11 +70,14 @@ class Dispatcher(Protocol):
         targets: list[TrackTarget],
         *,
         timeout: float | None = None,
+        batch: bool = False,
     ) -> list[TrackAnswer]:
         """Follow each target onto ``image`` (one video frame, file bytes) with video tracker
         ``tracker``: answers aligned with ``targets``. A target's ``state`` is the handle of
         the previous answer for that object (None: initialise from its shape); an unusable
-        handle re-initialises from the shape, never fails. Raises ``TapmaskError``s."""
+        handle re-initialises from the shape, never fails. Raises ``TapmaskError``s.
+        ``batch=True``: whole-project tracking (``tapmask track``), which interactive requests
+        overtake."""
         ...
 
     def models(self) -> list[str]:
@@ -159,6 +162,7 @@ class LocalDispatcher:
         targets: list[TrackTarget],
         *,
         timeout: float | None = None,
+        batch: bool = False,
     ) -> list[TrackAnswer]:
         return self.engine.track(tracker, image, targets)
 

@@ -241,6 +241,7 @@ class RedisDispatcher:
         targets: list[TrackTarget],
         *,
         timeout: float | None = None,
+        batch: bool = False,
     ) -> list[TrackAnswer]:
         self._check_model(tracker)
         job_targets = tuple(targets)
@@ -250,6 +251,7 @@ class RedisDispatcher:
             image,
             lambda sha: TrackJob(tracker, sha, job_targets).to_payload(),
             timeout,
+            kind="batch" if batch else "interactive",
         )
         return parse_track_reply(payload, len(job_targets))
 
