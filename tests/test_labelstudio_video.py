@@ -277,6 +277,7 @@ def test_a_redis_worker_tracks_the_same_region_as_the_in_process_tracker(
     from backends.dispatch import dispatcher_from_env
     from backends.labelstudio.app import Settings, create_app
     from backends.labelstudio.client import ImageClient
+    from backends.labelstudio.video import VideoTracking
     from backends.redis.dispatcher import RedisDispatcher
     from tests.support.fake_labelstudio import FakeLabelStudio
     from tests.support.processes import RedisServer, WorkerProcess
@@ -314,9 +315,30 @@ def test_a_redis_worker_tracks_the_same_region_as_the_in_process_tracker(
                 frames_stored = len(list(server.client().scan_iter("tapmask:img:*")))
             finally:
                 worker.stop(timeout=5)
+            # Whole-project tracking (tapmask track) goes to the batch queue: a worker that
+            # serves only batch queues answers it.
+            batch_only = WorkerProcess(
+                server.url,
+                ["flow"],
+                name="batch-tracker",
+                env={"TAPMASK_WORKER_QUEUE_KINDS": "batch"},
+                log_dir=str(tmp_path),
+            )
+            try:
+                batch_only.wait_ready(server.client())
+                dispatcher = dispatcher_from_env(["flow"])
+                tracking = VideoTracking(dispatcher, ImageClient(), seconds=1.0, batch=True)
+                video = tracking.frames.open((folder / "clip.mp4").read_bytes())
+                parsed = parse_region(region, "region")
+                batched = tracking.track_region(video, parsed, FPS).result
+                tracking.close()
+                dispatcher.close()
+            finally:
+                batch_only.stop(timeout=5)
     finally:
         fake_ls.close()
     assert pooled == local
+    assert batched["value"]["sequence"] == local["value"]["sequence"]
     assert [k["frame"] for k in pooled["value"]["sequence"]] == list(range(5, 31))
     assert frames_stored == 26  # each frame sent once, as image bytes
     # Downloaded from Label Studio with its token (relative URL), twice: once per backend.
