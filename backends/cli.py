@@ -78,10 +78,22 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     from backends.dispatch import dispatcher_from_env
     from backends.labelstudio.app import Settings, create_app
+    from backends.preannotate.settings import detector_name
+    from backends.redis.startup import load_plugins
 
-    options = {k: v for k, v in (("checkpoint", args.checkpoint), ("device", args.device)) if v}
-    dispatcher = dispatcher_from_env([args.model], **options)  # models load before serving
-    app = create_app(dispatcher, Settings(model=args.model))
+    load_plugins(args.plugin or [])
+    # "Retrieve predictions" in text mode needs the detector served too (README).
+    detector = args.detector or (
+        detector_name() if os.environ.get("TAPMASK_RETRIEVE") == "text" else None
+    )
+    models = [args.model] + ([detector] if detector else [])
+    checkpoints = {args.model: args.checkpoint, str(detector): args.detector_checkpoint}
+    options = {"device": args.device} if args.device else {}
+    dispatcher = dispatcher_from_env(models, checkpoints, **options)  # loaded before serving
+    settings = Settings(model=args.model)
+    if detector:
+        settings.detector = detector
+    app = create_app(dispatcher, settings)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     dispatcher.close()
     return 0
@@ -267,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", default=model_name())
     serve.add_argument("--checkpoint", help="model checkpoint (default: the model's env/dir)")
     serve.add_argument("--device", help="cpu, cuda, cuda:1 … (default: CUDA when present)")
+    serve.add_argument("--detector", help="also serve this detector (Retrieve predictions, text)")
+    serve.add_argument("--detector-checkpoint", help="the detector's model directory")
+    serve.add_argument("--plugin", action="append", help="module registering extra models")
     serve.set_defaults(func=_cmd_serve)
 
     prefetch = sub.add_parser(
