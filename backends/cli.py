@@ -78,12 +78,23 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     from backends.dispatch import dispatcher_from_env
     from backends.labelstudio.app import Settings, create_app
+    from backends.preannotate.settings import detector_name
+    from backends.redis.startup import load_plugins
 
-    # Models load before serving: the segmenter (its checkpoint) and the video tracker.
-    models = list(dict.fromkeys([args.model, args.tracker]))
+    load_plugins(args.plugin or [])
+    # "Retrieve predictions" in text mode needs the detector served too (README); video
+    # regions need the tracker. All load before serving.
+    detector = args.detector or (
+        detector_name() if os.environ.get("TAPMASK_RETRIEVE") == "text" else None
+    )
+    models = list(dict.fromkeys([args.model, args.tracker] + ([detector] if detector else [])))
+    checkpoints = {args.model: args.checkpoint, str(detector): args.detector_checkpoint}
     options = {"device": args.device} if args.device else {}
-    dispatcher = dispatcher_from_env(models, {args.model: args.checkpoint}, **options)
-    app = create_app(dispatcher, Settings(model=args.model, tracker=args.tracker))
+    dispatcher = dispatcher_from_env(models, checkpoints, **options)
+    settings = Settings(model=args.model, tracker=args.tracker)
+    if detector:
+        settings.detector = detector
+    app = create_app(dispatcher, settings)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     dispatcher.close()
     return 0
@@ -300,6 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("TAPMASK_TRACKER") or "flow",
         help="video tracker for Label Studio video regions (default: $TAPMASK_TRACKER or flow)",
     )
+    serve.add_argument("--detector", help="also serve this detector (Retrieve predictions, text)")
+    serve.add_argument("--detector-checkpoint", help="the detector's model directory")
+    serve.add_argument("--plugin", action="append", help="module registering extra models")
     serve.set_defaults(func=_cmd_serve)
 
     prefetch = sub.add_parser(

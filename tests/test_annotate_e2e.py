@@ -27,9 +27,16 @@ from backends.engine import Engine
 from backends.evaluation.clicker import ground_truth_from_label, iou
 from backends.labelstudio.annotate import annotate_project
 from backends.labelstudio.api import LabelStudioApi
+from backends.labelstudio.labelconfig import LabelConfig
 from backends.labelstudio.preannotation import FORMATS, Preannotation
 from tests.conftest import REPO
-from tests.support.label_studio import TOKEN, LabelStudio, label_studio_server
+from tests.support.label_studio import (
+    TOKEN,
+    LabelStudio,
+    label_studio_server,
+    start_backend,
+    stop,
+)
 from tests.support.preannotate_models import tiny_detector_dir
 
 CONFIG = """<View>
@@ -106,6 +113,13 @@ def _rectangle(gt: np.ndarray, label: str = "Object") -> dict:
     }
 
 
+def _filled_box_iou(gt: np.ndarray) -> float:
+    filled = np.zeros(gt.shape, bool)
+    x1, y1, x2, y2 = masks.mask_bbox(gt == 1)
+    filled[y1 : y2 + 1, x1 : x2 + 1] = True
+    return iou(gt, filled)
+
+
 def _predictions(ls: LabelStudio, task: int, version_prefix: str) -> list[dict]:
     found = ls.api("GET", "/api/predictions", params={"task": task}).json()
     return [p for p in found if p["model_version"].startswith(version_prefix)]
@@ -140,11 +154,7 @@ def test_boxes_mode_turns_every_rectangle_into_a_mask_and_skips_on_rerun(label_s
             brush = next(r for r in prediction["result"] if r["type"] == "brushlabels")
             poly = next(r for r in prediction["result"] if r["type"] == "polygonlabels")
             assert brush["value"]["brushlabels"] == [label] == poly["value"]["polygonlabels"]
-            gt = gts[task]
-            filled = np.zeros(gt.shape, bool)
-            x1, y1, x2, y2 = masks.mask_bbox(gt == 1)
-            filled[y1 : y2 + 1, x1 : x2 + 1] = True
-            assert iou(gt, _brush(brush)) > iou(gt, filled)  # a mask, not the box filled
+            assert iou(gts[task], _brush(brush)) > _filled_box_iou(gts[task])  # a mask
             assert prediction["score"] == pytest.approx(
                 min(r["score"] for r in prediction["result"])
             )
@@ -220,3 +230,73 @@ def test_text_mode_cli_killed_midway_resumes_and_reports_the_unreadable_task(
         assert prediction["score"] == pytest.approx(min((r["score"] for r in regions), default=0))
     assert found
     assert not _predictions(label_studio, tasks[-1], version)
+
+
+def _connect(ls: LabelStudio, project: int, backend: str, extra: dict | None = None) -> None:
+    body = {"url": backend, "project": project, "title": "tapmask", "is_interactive": False}
+    if extra is not None:
+        body["extra_params"] = extra
+    response = ls.api("POST", "/api/ml", json=body)
+    assert response.status_code == 201, response.text
+
+
+def _retrieve(ls: LabelStudio, project: int) -> float:
+    """Label Studio's Data Manager action "Retrieve Predictions" on every task; its duration."""
+    started = time.monotonic()
+    response = ls.api(
+        "POST",
+        "/api/dm/actions/",
+        params={"id": "retrieve_tasks_predictions", "project": project},
+        json={"selectedItems": {"all": True, "excluded": []}},
+    )
+    assert response.status_code == 200, response.text
+    return time.monotonic() - started
+
+
+def test_retrieve_predictions_returns_masks_when_the_project_opts_in(label_studio, grabcut_dir):
+    env = {"LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": TOKEN}
+    url, process = start_backend(env)
+    try:
+        opted, tasks = _project(label_studio, grabcut_dir)
+        for task, image in zip(tasks[:2], IMAGES, strict=False):
+            body = {"result": [_rectangle(_gt(grabcut_dir, image))]}
+            assert label_studio.api("POST", f"/api/tasks/{task}/annotations", json=body).is_success
+        _connect(label_studio, opted, url, {"retrieve": "boxes", "format": "both"})
+        _retrieve(label_studio, opted)
+        version = Preannotation("boxes", "grabcut", formats=FORMATS["both"]).model_version(
+            LabelConfig.parse(CONFIG)
+        )  # the same as `tapmask annotate --mode boxes --format both`
+        for task, image in zip(tasks[:2], IMAGES, strict=False):
+            (prediction,) = _predictions(label_studio, task, version)
+            brush = next(r for r in prediction["result"] if r["type"] == "brushlabels")
+            gt = _gt(grabcut_dir, image)
+            assert iou(gt, _brush(brush)) > _filled_box_iou(gt)
+        _retrieve(label_studio, opted)  # again: nothing twice
+        assert all(len(_predictions(label_studio, t, version)) == 1 for t in tasks[:2])
+
+        plain, plain_tasks = _project(label_studio, grabcut_dir, broken=False)
+        _connect(label_studio, plain, url)  # no opt-in: prefetch only, as before
+        _retrieve(label_studio, plain)
+        assert not any(_predictions(label_studio, t, "") for t in plain_tasks)
+    finally:
+        stop(process)
+
+
+def test_retrieve_predictions_answers_within_its_budget(label_studio, grabcut_dir):
+    env = {
+        "LABEL_STUDIO_URL": label_studio.url,
+        "LABEL_STUDIO_API_KEY": TOKEN,
+        "TAPMASK_RETRIEVE": "boxes",
+        "TAPMASK_RETRIEVE_BUDGET_S": "0.01",  # nothing can finish: every task is left for later
+    }
+    url, process = start_backend(env)
+    try:
+        project, tasks = _project(label_studio, grabcut_dir, broken=False)
+        for task, image in zip(tasks, IMAGES, strict=True):
+            body = {"result": [_rectangle(_gt(grabcut_dir, image))]}
+            assert label_studio.api("POST", f"/api/tasks/{task}/annotations", json=body).is_success
+        _connect(label_studio, project, url)
+        assert _retrieve(label_studio, project) < 30  # an answer, not Label Studio's timeout
+        assert not any(_predictions(label_studio, t, "tapmask") for t in tasks)
+    finally:
+        stop(process)
