@@ -105,3 +105,16 @@ def test_the_decoder_keeps_a_bounded_number_of_videos_on_disk(tmp_path):
     finally:
         frames.close()
     assert not Path(frames._dir).exists()
+
+
+def test_the_same_video_opened_at_once_by_several_requests_is_read_whole(clip):
+    from concurrent.futures import ThreadPoolExecutor
+
+    frames = VideoFrames()
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            videos = list(pool.map(frames.open, [clip] * 8))
+        assert len(set(videos)) == 1 and videos[0].frame_count == FRAMES
+        assert [p.name for p in Path(frames._dir).iterdir()] == [videos[0].sha256]
+    finally:
+        frames.close()

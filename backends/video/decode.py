@@ -91,13 +91,17 @@ class VideoFrames:
                 self._files.move_to_end(key)
                 return known[1]
         path = os.path.join(self._dir, key)
-        with open(path, "wb") as handle:
-            handle.write(data)
+        # Written under a private name, then renamed: a request and a task-open prefetch may
+        # open the same video at once, and neither may read the other's half-written file.
+        handle, partial = tempfile.mkstemp(dir=self._dir, suffix=".part")
+        with os.fdopen(handle, "wb") as out:
+            out.write(data)
         try:
-            video = _probe(path, key)
+            video = _probe(partial, key)
         except Exception:
-            os.unlink(path)
+            os.unlink(partial)
             raise
+        os.replace(partial, path)
         with self._lock:
             self._files[key] = (path, video)
             while len(self._files) > self._max_files:
