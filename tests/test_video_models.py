@@ -148,7 +148,7 @@ def test_box_and_polygon_starts(model_dirs, clip):
         TrackTarget(box=Box(10, 10, 80, 60)),
         TrackTarget(polygon=((10.0, 10.0), (80.0, 12.0), (50.0, 60.0))),
     ):
-        tracked, state = tracker.start(frame, target)
+        _, state = tracker.start(frame, target)
         assert state.frame == 0 and state.recent == ()
         tracker.step(clip.frame(1)[0], state)
 
@@ -158,7 +158,7 @@ def test_foreign_state_bytes_are_refused(model_dirs, clip):
     frame, truth = clip.frame(0)
     _, state = sam2.start(frame, TrackTarget(mask=truth[0]))
     data = sam2.state_to_bytes(state)
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError):
         sam2.state_from_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError):
         sam2.state_from_bytes(_flow_state_bytes(frame, truth[0]))

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import io
 import os
+import zipfile
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -229,6 +230,13 @@ class VideoTracker:
         return buffer.getvalue()
 
     def state_from_bytes(self, data: bytes) -> VideoState:
+        """A state from the shared tier; ``ValueError`` for anything else (truncated, foreign)."""
+        try:
+            return self._state_from_bytes(data)
+        except (OSError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+            raise ValueError(f"unreadable video tracker state: {exc}") from exc
+
+    def _state_from_bytes(self, data: bytes) -> VideoState:
         dtypes = {"maskmem_features": torch.bfloat16}
         with np.load(io.BytesIO(data), allow_pickle=False) as archive:
             if "frame" not in archive.files:
