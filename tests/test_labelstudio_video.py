@@ -377,3 +377,39 @@ def test_opening_a_video_task_downloads_its_video_before_the_first_request(clip_
     finally:
         fake_ls.close()
     assert len(fake_ls.requests) == 1  # the click did not download the video again
+
+
+def test_a_sam2_video_tracker_serves_video_regions_through_the_same_path(
+    tmp_path, clip_files, host
+):
+    """A SAM 2.1 video tracker (a tiny random model through the real transformers loader) in
+    place of the flow tracker: random weights track nothing useful, but the region comes back
+    in Label Studio's shape, one keyframe a frame until the object is lost."""
+    from fastapi.testclient import TestClient
+
+    from backends.dispatch import LocalDispatcher
+    from backends.engine import Engine
+    from backends.labelstudio.app import Settings, create_app
+    from backends.models import registry
+    from tests.test_video_models import _make_sam2
+
+    name = "sam2.1-hiera-tiny-video"
+    engine = Engine()
+    engine.load(["grabcut"])
+    model_dir = _make_sam2(tmp_path / "sam2-video")
+    engine.add_model(
+        name, registry.create(name, checkpoint=model_dir, check_variant=False, device="cpu")
+    )
+    settings = Settings(tracker=name, video_track_seconds=0.2)
+    _, truth = clip_files
+    region = _region([{"frame": 1, **percent_box(truth[0][0])}])
+    with TestClient(create_app(LocalDispatcher(engine), settings)) as client:
+        response = client.post("/predict", json=_predict("", f"{host}/clip.mp4", [region]))
+    assert response.status_code == 200, response.text
+    [answer] = response.json()["results"][0]["result"]
+    sequence = answer["value"]["sequence"]
+    assert answer["id"] == "vid_1" and sequence[0]["frame"] == 1
+    assert [k["frame"] for k in sequence] == list(range(1, len(sequence) + 1))
+    assert len(sequence) <= 6 and all(k["enabled"] for k in sequence[:-1])
+    # Every frame went through the tracker: started on frame 1, stepped on the five after it.
+    assert (engine.tracking.stats.started, engine.tracking.stats.stepped) == (1, 5)
