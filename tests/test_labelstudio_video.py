@@ -192,11 +192,24 @@ def test_a_keyframe_box_is_tracked_through_the_clip(backend, host, clip_files):
     ious = [box_iou(k, truth[k["frame"] - 1][0]) for k in sequence]
     assert np.mean(ious) >= 0.7, ious
     print(f"\nbox IoU over {len(ious)} frames: mean {np.mean(ious):.3f}, min {min(ious):.3f}")
-    # Asked again, the same video is not downloaded or decoded again (frames cached).
-    again = backend.http.post("/predict", json=payload, timeout=120)
-    assert again.json()["results"][0]["result"][0]["value"]["sequence"] == sequence
-    metrics = backend.http.get("/metrics").text
-    assert 'tapmask_cache_hits_total{cache="video-frames"}' in metrics
+    # Another region on the same video: no download, no decoding (its frames are cached).
+    decoded, hits = _frame_cache(backend)
+    later = _region([{"frame": 51, **percent_box(truth[50][0])}], "vid_2")
+    again = backend.http.post("/predict", json=_predict("", f"{host}/clip.mp4", [later]))
+    assert [k["frame"] for k in again.json()["results"][0]["result"][0]["value"]["sequence"]] == (
+        list(range(51, 61))
+    )
+    assert _frame_cache(backend) == (decoded, hits + 10)
+
+
+def _frame_cache(backend: BackendProcess) -> tuple[float, float]:
+    """The backend's decoded-frame cache: (frames decoded, frames served from the cache)."""
+    values = {}
+    for line in backend.http.get("/metrics").text.splitlines():
+        for kind in ("misses", "hits"):
+            if line.startswith(f'tapmask_cache_{kind}_total{{cache="video-frames"}}'):
+                values[kind] = float(line.split()[-1])
+    return values["misses"], values["hits"]
 
 
 def test_an_object_that_leaves_the_frame_ends_its_track(backend, tmp_path):
