@@ -426,3 +426,20 @@ def test_a_sam2_video_tracker_serves_video_regions_through_the_same_path(
     assert len(sequence) <= 6 and all(k["enabled"] for k in sequence[:-1])
     # Every frame went through the tracker: started on frame 1, stepped on the five after it.
     assert (engine.tracking.stats.started, engine.tracking.stats.stepped) == (1, 5)
+
+
+def test_whole_project_tracking_follows_a_region_to_the_end_of_the_video(clip_files):
+    from backends.dispatch import dispatcher_from_env
+    from backends.labelstudio.client import ImageClient
+    from backends.labelstudio.video import VideoTracking
+
+    folder, truth = clip_files
+    tracking = VideoTracking(dispatcher_from_env(["flow"]), ImageClient(), seconds=None)
+    try:
+        video = tracking.frames.open((folder / "clip.mp4").read_bytes())
+        region = parse_region(_region([{"frame": 45, **percent_box(truth[44][1])}]), "r")
+        tracked = tracking.track_region(video, region, FPS)
+    finally:
+        tracking.close()
+    frames = [k["frame"] for k in tracked.result["value"]["sequence"]]
+    assert frames == list(range(45, 61)) and tracked.frames == 16
