@@ -146,6 +146,7 @@ def test_boxes_mode_turns_every_rectangle_into_a_mask_and_skips_on_rerun(label_s
     dispatcher = LocalDispatcher(engine)
     plan = Preannotation("boxes", "grabcut", formats=FORMATS["both"])
     with LabelStudioApi(label_studio.url, TOKEN) as api:
+        assert [t["id"] for t in api.tasks(project, page_size=2)] == tasks  # 2 pages, then 404
         summary = annotate_project(api, dispatcher, plan, project, progress=False)
         assert (summary.done, summary.skipped, summary.failed) == (3, 0, [])
         for task, label in zip(tasks[:2], ("Object", "Car"), strict=True):
