@@ -115,7 +115,8 @@ MAX_OBJECTS = _limit(
     "TAPMASK_MAX_OBJECTS",
     32,
     "objects",
-    "objects (one model run each) in one request: smart rectangles, plus one for keypoints",
+    "objects (one model run each) in one request: smart rectangles, plus one for keypoints, or "
+    "video regions to track",
     "Label Studio",
     "413 `too_many_objects`",
 )

@@ -129,11 +129,15 @@ def test_malformed_keyframes_are_refused_naming_the_field(keyframe, problem):
     assert problem in str(caught.value) and caught.value.status == 422
 
 
-def test_too_many_regions_are_refused_before_any_download(monkeypatch):
+def test_too_many_regions_to_track_are_refused_before_any_download(monkeypatch):
     monkeypatch.setenv("TAPMASK_MAX_OBJECTS", "2")
-    regions = [_region([{"frame": 1, "x": 1, "y": 1, "width": 1, "height": 1}])] * 3
+    box = {"x": 1, "y": 1, "width": 1, "height": 1}
     with pytest.raises(TooManyObjects):
-        regions_from_context(regions)
+        regions_from_context([_region([{"frame": 1, **box}])] * 3)
+    # Regions tracked already come along (Label Studio sends the label's every region) and
+    # do not count: a long video with many tracked objects still takes a new one.
+    tracked = _region([{"frame": f, **box} for f in (1, 2, 3)])
+    assert len(regions_from_context([tracked] * 10 + [_region([{"frame": 1, **box}])])) == 11
 
 
 # --------------------------------------------------------------------------------------------

@@ -110,15 +110,20 @@ def frame_index(frame: int, ls_fps: float, video_fps: float, frame_count: int) -
 
 
 def regions_from_context(result: Any) -> list[VideoRegion]:
-    """``params.context.result`` → video regions; anything malformed is a 422 naming it."""
+    """``params.context.result`` → video regions; anything malformed is a 422 naming it.
+
+    Label Studio sends every region of the label on that video, tracked ones included: only
+    the regions to track (``VideoRegion.start``) count against ``TAPMASK_MAX_OBJECTS``.
+    """
     if not isinstance(result, list) or not result:
         raise InvalidRequest("params.context.result must be a non-empty list of regions")
-    limit = int(MAX_OBJECTS)
-    if len(result) > limit:
+    regions = [parse_region(item, f"context.result[{i}]") for i, item in enumerate(result)]
+    todo, limit = sum(r.start() is not None for r in regions), int(MAX_OBJECTS)
+    if todo > limit:
         raise TooManyObjects(
-            f"{len(result)} video regions in one request; at most {limit} (TAPMASK_MAX_OBJECTS)"
+            f"{todo} video regions to track in one request; at most {limit} (TAPMASK_MAX_OBJECTS)"
         )
-    return [parse_region(item, f"context.result[{i}]") for i, item in enumerate(result)]
+    return regions
 
 
 def parse_region(item: Any, where: str) -> VideoRegion:
