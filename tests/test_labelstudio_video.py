@@ -248,6 +248,16 @@ def test_an_object_that_leaves_the_frame_ends_its_track(backend, tmp_path):
     assert last["x"] + last["width"] == pytest.approx(100, abs=3)  # at the right edge
 
 
+def test_a_request_with_nothing_to_track_answers_an_empty_result(backend, host):
+    # Deleting a region, or relabelling a tracked one, sends the label's tracked regions.
+    box = {"x": 10, "y": 10, "width": 20, "height": 20}
+    tracked = _region([{"frame": f, **box} for f in (1, 2, 3)])
+    payload = _predict(backend.url, f"{host}/clip.mp4", [tracked])
+    response = backend.http.post("/predict", json=payload)
+    assert response.status_code == 200, response.text
+    assert response.json()["results"][0]["result"] == []
+
+
 def test_a_video_request_over_the_limits_answers_its_code(backend, host):
     region = _region([{"frame": 1, "x": 10, "y": 10, "width": 20, "height": 20}])
     payload = _predict(backend.url, f"{host}/missing.mp4", [region])

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from backends.dispatch import Dispatcher
-from backends.errors import EmptyMask, InvalidRequest, LabelConfigError, VideoTooLarge
+from backends.errors import InvalidRequest, LabelConfigError, VideoTooLarge
 from backends.labelstudio.client import Credentials, FetchLimits, ImageClient
 from backends.labelstudio.labelconfig import LabelConfig, VideoTag
 from backends.labelstudio.videoregions import (
@@ -105,10 +105,14 @@ class VideoTracking:
             if t is not None
         ]
         if not tracked:
-            raise EmptyMask(
-                "no region to track: each ends in a keyframe the annotator did not place, or "
-                "in an ended (enabled: false) keyframe; add a keyframe after the tracked ones"
+            # Normal, not an error: deleting a region or relabelling a tracked one sends the
+            # label's regions again. Label Studio shows nothing for an empty result.
+            log.info(
+                "task %s: no video region to track (each ends in a tracked or an ended "
+                "keyframe; add a keyframe after the track)",
+                task.get("id"),
             )
+            return {"results": [{"result": [], "score": 0.0, "model_version": model_version}]}
         results = [t.result for t in tracked]
         score = sum(r["score"] for r in results) / len(results)
         log.info(
