@@ -71,6 +71,26 @@ def test_grounding_dino_loads_through_the_registry_name_and_checks_its_size(dete
         hf.build_detector("grounding-dino-tiny", checkpoint=detector_dir, device="cpu")
 
 
+def test_tapmask_weights_fetches_grounding_dino_with_its_tokenizer(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.setenv("TAPMASK_MODELS_DIR", str(tmp_path))
+    seen: dict = {}
+
+    def fake_snapshot(**kwargs):
+        seen.update(kwargs)
+        target = Path(kwargs["local_dir"])
+        (target / "config.json").write_text('{"model_type": "grounding-dino"}')
+        (target / "model.safetensors").write_bytes(b"weights")
+        return str(target)
+
+    path = hf.download("grounding-dino-base", snapshot_download=fake_snapshot)
+    assert path == tmp_path / "grounding-dino-base"
+    assert seen["repo_id"] == "IDEA-Research/grounding-dino-base"
+    assert {"vocab.txt", "tokenizer.json", "model.safetensors"} <= set(seen["allow_patterns"])
+    assert not any(p.endswith((".bin", ".pth", ".pt")) for p in seen["allow_patterns"])
+
+
 def test_a_detector_directory_without_its_tokenizer_is_refused(detector_dir, tmp_path):
     for name in ("config.json", "model.safetensors"):
         (tmp_path / name).write_bytes((detector_dir / name).read_bytes())
