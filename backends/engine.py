@@ -19,6 +19,10 @@ into; it depends on the whole history, so in this mode every model replays a mis
 
 One lock per model: a model never runs two requests at once on its device, while different models
 (and cache hits) proceed in parallel.
+
+Detectors (``backends.models.detection``: text → boxes, for pre-annotation) are models of the same
+Engine: ``load`` adds whatever the registry builds, ``detect(detector, image, prompts, …)`` runs
+one on the cached decoded image under its own lock. They have no embedding or state to cache.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ import numpy as np
 from backends import images
 from backends.cache import LRUCache
 from backends.embedding_cache import EmbeddingCache, SharedEmbeddings, guard_device_memory
-from backends.errors import ModelNotFound, UnknownImage, Unsupported
+from backends.errors import ModelNotFound, TooManyObjects, UnknownImage, Unsupported
 from backends.models import registry
 from backends.models.base import (
     ExportsEmbedding,
@@ -44,9 +48,13 @@ from backends.models.base import (
     accepts_box,
     progressive_default,
 )
+from backends.models.detection import Detection, Detector, Thresholds, check_prompts
+from backends.models.tracking import is_tracker
 from backends.progressive import MergeOptions, merge, settings_from_env
 from backends.progressive import enabled as progressive_enabled
-from backends.prompts import Prompt, Segmentation
+from backends.prompts import Prompt, Segmentation, TrackAnswer, TrackTarget
+from backends.settings import MAX_TRACKED_OBJECTS
+from backends.tracking import TrackingService
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +76,10 @@ class EngineConfig:
     )
     state_cache_bytes: int = field(default_factory=lambda: _env_mib("TAPMASK_STATE_CACHE_MB", 512))
     image_cache_bytes: int = field(default_factory=lambda: _env_mib("TAPMASK_IMAGE_CACHE_MB", 1024))
+    #: Video trackers' per-object states (``backends.tracking``), by handle.
+    track_state_cache_bytes: int = field(
+        default_factory=lambda: _env_mib("TAPMASK_TRACK_STATE_CACHE_MB", 512)
+    )
     # Progressive mode per model name ("*": every model); a model not named here uses its
     # ``progressive_default`` attribute (False when it has none).
     progressive: dict[str, bool] = field(default_factory=settings_from_env)
@@ -97,13 +109,15 @@ class Engine:
         self,
         models: dict[str, Segmenter] | None = None,
         config: EngineConfig | None = None,
-        loader: Callable[..., Segmenter] = registry.create,
+        loader: Callable[..., Segmenter | Detector] = registry.create,
         shared_embeddings: SharedEmbeddings | None = None,
+        shared_track_states: SharedEmbeddings | None = None,
     ) -> None:
         self.config = config or EngineConfig()
         self.shared_embeddings = shared_embeddings
         self._loader = loader
         self._models: dict[str, Segmenter] = {}
+        self._detectors: dict[str, Detector] = {}
         self._locks: dict[str, threading.Lock] = {}
         self._registry_lock = threading.Lock()
         self.stats = EngineStats()
@@ -118,6 +132,7 @@ class Engine:
         self.states: LRUCache[tuple[Segmentation, Any]] = LRUCache(
             self.config.state_cache_bytes, "states"
         )
+        self.tracking = TrackingService(self.config.track_state_cache_bytes, shared_track_states)
         for name, model in (models or {}).items():
             self.add_model(name, model)
 
@@ -127,17 +142,41 @@ class Engine:
             self._models[name] = model
             self._locks.setdefault(name, threading.Lock())
 
+    def add_detector(self, name: str, detector: Detector) -> None:
+        with self._registry_lock:
+            self._detectors[name] = detector
+            self._locks.setdefault(name, threading.Lock())
+
     def load(self, names: Iterable[str], **options: Any) -> None:
-        """Build and add models by registry name (done at start-up, never per request)."""
+        """Build and add models (segmenters and detectors) by registry name (done at start-up,
+        never per request)."""
         for name in names:
-            if name not in self._models:
+            if name not in self._models and name not in self._detectors:
                 started = time.perf_counter()
-                self.add_model(name, self._loader(name, **options))
+                built = self._loader(name, **options)
+                if isinstance(built, Detector) and not isinstance(built, Segmenter):
+                    self.add_detector(name, built)
+                else:
+                    self.add_model(name, built)
                 log.info("loaded model %s in %.1f s", name, time.perf_counter() - started)
 
     @property
     def model_names(self) -> list[str]:
+        """The segmenters served here."""
         return sorted(self._models)
+
+    @property
+    def detector_names(self) -> list[str]:
+        return sorted(self._detectors)
+
+    def detector(self, name: str) -> Detector:
+        try:
+            return self._detectors[name]
+        except KeyError:
+            served = ", ".join(self.detector_names) or "none"
+            raise ModelNotFound(
+                f"detector {name!r} is not served here (detectors served: {served})"
+            ) from None
 
     def model(self, name: str) -> Segmenter:
         try:
@@ -203,9 +242,28 @@ class Engine:
             embedding = self._embedding(name, model, key, array)
             return np.asarray(model.export_embedding(embedding))
 
+    # -- detection -------------------------------------------------------------------------
+    def detect(
+        self,
+        name: str,
+        image: ImageRef,
+        prompts: list[str],
+        thresholds: Thresholds | None = None,
+    ) -> list[Detection]:
+        """Detector ``name``'s boxes for ``prompts`` on ``image``, best first (the phrases are
+        checked against the text-prompt limits before the image is touched)."""
+        detector = self.detector(name)
+        phrases = check_prompts(prompts)
+        thresholds = thresholds or Thresholds()
+        _key, array = self.image(image)
+        with self._locks[name]:
+            return detector.detect(array, phrases, thresholds.box, thresholds.text)
+
     # -- segmentation ----------------------------------------------------------------------
     def segment(self, name: str, image: ImageRef, prompt: Prompt) -> Segmentation:
         model = self.model(name)
+        if is_tracker(model):
+            raise Unsupported(f"model {name!r} is a video tracker: it tracks, it does not segment")
         key, array = self.image(image)
         height, width = array.shape[:2]
         prompt = prompt.validated(width, height)
@@ -235,6 +293,23 @@ class Engine:
                 previous = result
             assert previous is not None
             return previous
+
+    def track(self, name: str, image: ImageRef, targets: list[TrackTarget]) -> list[TrackAnswer]:
+        """Follow each target onto ``image`` with tracker ``name`` (``backends.tracking``):
+        answers aligned with ``targets``, each with a fresh state handle."""
+        model = self.model(name)
+        if not is_tracker(model):
+            raise Unsupported(f"model {name!r} does not track video; choose a tracker")
+        limit = int(MAX_TRACKED_OBJECTS)
+        if len(targets) > limit:
+            raise TooManyObjects(
+                f"{len(targets)} objects to track; at most {limit} (TAPMASK_MAX_TRACKED_OBJECTS)"
+            )
+        _key, array = self.image(image)
+        height, width = array.shape[:2]
+        checked = [target.validated(width, height) for target in targets]
+        with self._locks[name]:
+            return self.tracking.track(name, model, array, checked)  # type: ignore[arg-type]
 
     def progressive(self, name: str) -> bool:
         """Whether model ``name`` answers in progressive mode (see the module docstring)."""

@@ -74,8 +74,24 @@ class TooManyObjects(RequestTooLarge, status=413, code="too_many_objects"):
     """More objects (one model run each) in one request than ``TAPMASK_MAX_OBJECTS``."""
 
 
+class TooManyPoints(RequestTooLarge, status=413, code="too_many_points"):
+    """A shape with more vertices than ``TAPMASK_MAX_SHAPE_POINTS``."""
+
+
 class TooManyClicks(RequestTooLarge, status=413, code="too_many_clicks"):
     """More clicks on one object than ``TAPMASK_MAX_CLICKS``."""
+
+
+class TooManyInstances(RequestTooLarge, status=413, code="too_many_instances"):
+    """More rectangles in one task than ``TAPMASK_MAX_INSTANCES`` masks per image."""
+
+
+class TooManyTextPrompts(RequestTooLarge, status=413, code="too_many_text_prompts"):
+    """More detector phrases for one image than ``TAPMASK_MAX_TEXT_PROMPTS``."""
+
+
+class TextPromptTooLong(RequestTooLarge, status=413, code="text_prompt_too_long"):
+    """A detector text over ``TAPMASK_MAX_TEXT_PROMPT_CHARS`` (or the model's token limit)."""
 
 
 class DeclaredSizeTooLarge(RequestTooLarge, status=413, code="declared_size_too_large"):
@@ -132,8 +148,27 @@ class ImageNotFound(ImageFetchError, status=404, code="image_not_found"):
     """The image URL answered 404."""
 
 
+class LabelStudioApiError(TapmaskError, RuntimeError, status=502, code="label_studio_api"):
+    """Label Studio's REST API refused or failed a call of a whole-project command."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.upstream_status = status
+
+
 class ImageAuthError(ImageFetchError, status=502, code="image_auth_failed"):
     """The image host refused our credentials (401/403), or the token exchange failed."""
+
+
+# -- videos ----------------------------------------------------------------------------------
+
+
+class VideoError(TapmaskError, ValueError, status=400, code="bad_video"):
+    """Bytes that no video decoder can read, or a video without a single frame."""
+
+
+class VideoTooLarge(VideoError, status=413, code="video_too_large"):
+    """A video over ``TAPMASK_MAX_VIDEO_MB`` or with frames over ``TAPMASK_MAX_VIDEO_PIXELS``."""
 
 
 # -- models ----------------------------------------------------------------------------------

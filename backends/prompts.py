@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from backends.errors import PromptError, TapmaskError
+from backends.errors import PromptError, TapmaskError, TooManyPoints
+from backends.settings import MAX_SHAPE_POINTS
 
 #: A click this far outside the image (in pixels or as a fraction of the image side, whichever
 #: is larger) is clipped to the border; anything further is rejected as a wrong coordinate system.
@@ -207,3 +208,148 @@ class Segmentation:
     @property
     def area(self) -> int:
         return int(self.mask.sum())
+
+
+# --------------------------------------------------------------------------------------------
+# Tracking (video): what a tool sends for one object on one frame, and what it gets back
+
+#: Characters a tracking handle may hold (``secrets.token_urlsafe``'s alphabet) and its length
+#: bounds; anything else is a forged handle and re-initialises from the shape.
+TRACK_HANDLE_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+TRACK_HANDLE_MAX_CHARS = 64
+
+
+def valid_handle(value: Any) -> bool:
+    """Whether ``value`` looks like a handle tapmask issued (a string of 16–64 URL-safe
+    characters). Handles come back from browsers and tools: untrusted until checked here."""
+    return (
+        isinstance(value, str)
+        and 16 <= len(value) <= TRACK_HANDLE_MAX_CHARS
+        and set(value) <= TRACK_HANDLE_CHARS
+    )
+
+
+@dataclass(frozen=True, eq=False)
+class TrackTarget:
+    """One tracked object on one frame, as a tool sends it.
+
+    The shape (exactly one of ``box``, ``polygon``, ``mask``; a polygon is ≥ 3 (x, y) image
+    pixels, a mask H×W) is where the tool believes the object is now: it initialises the
+    tracker when ``state`` is None, and again whenever ``state`` cannot be used (expired,
+    unknown, from another tracker or another image size, forged). ``state`` is the opaque
+    handle from the previous answer for this object; it travels through browsers and tools and
+    is *untrusted*: a malformed one is treated as absent (logged), never an error.
+    """
+
+    box: Box | None = None
+    polygon: tuple[tuple[float, float], ...] | None = None
+    mask: np.ndarray | None = field(default=None, repr=False)
+    state: str | None = None
+
+    def __post_init__(self) -> None:
+        given = [s for s in (self.box, self.polygon, self.mask) if s is not None]
+        if len(given) != 1:
+            raise PromptError(
+                "a tracked object needs exactly one shape: a box, a polygon or a mask"
+            )
+        if self.polygon is not None:
+            limit = int(MAX_SHAPE_POINTS)
+            if len(self.polygon) > limit:
+                raise TooManyPoints(
+                    f"a polygon has {len(self.polygon)} points; at most {limit} "
+                    "(TAPMASK_MAX_SHAPE_POINTS)"
+                )
+            points = tuple(
+                (finite_number(p[0], "polygon x"), finite_number(p[1], "polygon y"))
+                if isinstance(p, (tuple, list)) and len(p) == 2
+                else _bad_point(p)
+                for p in self.polygon
+            )
+            if len(points) < 3:
+                raise PromptError(f"a polygon needs at least 3 points, got {len(points)}")
+            object.__setattr__(self, "polygon", points)
+        if self.mask is not None:
+            mask = np.asarray(self.mask)
+            if mask.ndim != 2:
+                raise PromptError("a tracked object's mask must be a 2-D H×W array")
+            object.__setattr__(self, "mask", mask.astype(bool, copy=False))
+
+    @property
+    def kind(self) -> str:
+        """``box``, ``polygon`` or ``mask``: which shape the tool sent (answers keep it)."""
+        return "box" if self.box is not None else "polygon" if self.polygon is not None else "mask"
+
+    def validated(self, width: int, height: int) -> TrackTarget:
+        """The target checked against a frame size: coordinates clipped like clicks (far
+        outside: ``PromptError``), a mask of another size refused."""
+        box, polygon = self.box, self.polygon
+        if box is not None:
+            box = Box(
+                _clip("box x1", box.x1, width),
+                _clip("box y1", box.y1, height),
+                _clip("box x2", box.x2, width),
+                _clip("box y2", box.y2, height),
+            )
+        if polygon is not None:
+            polygon = tuple(
+                (_clip("polygon x", x, width), _clip("polygon y", y, height)) for x, y in polygon
+            )
+        if self.mask is not None and self.mask.shape != (height, width):
+            raise PromptError(
+                f"the mask has shape {self.mask.shape}, the frame is {height}×{width}"
+            )
+        return TrackTarget(box, polygon, self.mask, self.state)
+
+    def shape_mask(self, width: int, height: int) -> np.ndarray:
+        """The shape as an H×W boolean mask (a box filled, a polygon rasterised)."""
+        if self.mask is not None:
+            return self.mask
+        from backends.masks import polygons_to_mask
+
+        if self.box is not None:
+            b = self.box
+            points = [(b.x1, b.y1), (b.x2, b.y1), (b.x2, b.y2), (b.x1, b.y2)]
+        else:
+            points = list(self.polygon or ())
+        return polygons_to_mask([np.asarray(points, dtype=np.float64)], height, width)
+
+    def shape_box(self, width: int, height: int) -> Box | None:
+        """The shape's bounding box (None for an empty mask)."""
+        if self.box is not None:
+            return self.box
+        if self.polygon is not None:
+            xs = [p[0] for p in self.polygon]
+            ys = [p[1] for p in self.polygon]
+            return Box(min(xs), min(ys), max(xs), max(ys))
+        from backends.masks import mask_bbox
+
+        bbox = mask_bbox(self.shape_mask(width, height))
+        return Box(*bbox) if bbox is not None else None
+
+
+def _bad_point(point: Any) -> tuple[float, float]:
+    raise PromptError(f"polygon points must be [x, y] pairs, got {short_repr(point)}")
+
+
+@dataclass(eq=False)
+class TrackAnswer:
+    """A tracker's answer for one target on one frame (aligned with the targets sent).
+
+    ``state`` is a fresh handle for the next frame (every answer gets its own, so a tool that
+    steps back a frame and tracks again continues from the state it holds, not from a later
+    one). ``mask`` is H×W bool, all False when ``lost``; ``box`` its bounding box (None when
+    lost); ``score`` the tracker's confidence in [0, 1].
+    """
+
+    state: str
+    mask: np.ndarray = field(repr=False)
+    box: Box | None
+    score: float
+    lost: bool
+
+    def __post_init__(self) -> None:
+        self.mask = np.asarray(self.mask, dtype=bool)
+        if self.mask.ndim != 2:
+            raise ValueError(f"mask must be H×W, got shape {self.mask.shape}")
+        self.score = float(self.score)
+        self.lost = bool(self.lost)

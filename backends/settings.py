@@ -115,7 +115,8 @@ MAX_OBJECTS = _limit(
     "TAPMASK_MAX_OBJECTS",
     32,
     "objects",
-    "objects (one model run each) in one request: smart rectangles, plus one for keypoints",
+    "objects (one model run each) in one request: smart rectangles, plus one for keypoints, or "
+    "video regions to track",
     "Label Studio",
     "413 `too_many_objects`",
 )
@@ -168,6 +169,40 @@ DOWNLOAD_DEADLINE_S = _limit(
     "Label Studio",
     "504 `image_timeout`",
 )
+MAX_VIDEO_MB = _limit(
+    "TAPMASK_MAX_VIDEO_MB",
+    500.0,
+    "MiB",
+    "a task's video file (a download or a data: URI), before any frame is decoded",
+    "Label Studio",
+    "413 `video_too_large`",
+)
+VIDEO_DOWNLOAD_DEADLINE_S = _limit(
+    "TAPMASK_VIDEO_DOWNLOAD_DEADLINE_S",
+    120.0,
+    "seconds",
+    "one video download from start to last byte (TAPMASK_DOWNLOAD_READ_TIMEOUT_S still bounds "
+    "silence)",
+    "Label Studio",
+    "504 `image_timeout`",
+)
+MAX_VIDEO_PIXELS = _limit(
+    "TAPMASK_MAX_VIDEO_PIXELS",
+    8_294_400,
+    "pixels",
+    "a video frame (width × height from the container, before decoding; 3840×2160 by default)",
+    "Label Studio",
+    "413 `video_too_large`",
+)
+MAX_TRACK_FRAMES = _limit(
+    "TAPMASK_MAX_TRACK_FRAMES",
+    500,
+    "frames",
+    "frames one object is followed through in one request (TAPMASK_VIDEO_TRACK_SECONDS × the "
+    "video's framerate) or one `tapmask track` object",
+    "Label Studio",
+    "tracking stops there (logged)",
+)
 PREFETCH_QUEUE = _limit(
     "TAPMASK_PREFETCH_QUEUE",
     256,
@@ -175,6 +210,68 @@ PREFETCH_QUEUE = _limit(
     "task-open prefetches waiting to run; further tasks are not prefetched (logged)",
     "Label Studio",
     "not prefetched (logged)",
+)
+MAX_TRACKED_OBJECTS = _limit(
+    "TAPMASK_MAX_TRACKED_OBJECTS",
+    32,
+    "objects",
+    "objects tracked in one video-frame request (CVAT tracker shapes; a worker's track job)",
+    "all",
+    "413 `too_many_objects`",
+)
+MAX_SHAPE_POINTS = _limit(
+    "TAPMASK_MAX_SHAPE_POINTS",
+    10000,
+    "points",
+    "vertices of one polygon a tool sends to track (CVAT polygon shapes; a worker's track job)",
+    "all",
+    "413 `too_many_points`",
+)
+MAX_TRACK_STATE_MB = _limit(
+    "TAPMASK_MAX_TRACK_STATE_MB",
+    64.0,
+    "MiB",
+    "one tracked object's state in the shared Redis tier (SAM 2 memory bank, fp16); a larger "
+    "state stays in its worker's memory only",
+    "worker",
+    "not shared (the next frame on another worker re-initialises)",
+)
+
+
+MAX_INSTANCES = _limit(
+    "TAPMASK_MAX_INSTANCES",
+    100,
+    "instances",
+    "masks made for one image by pre-annotation: detections kept (highest scores first), or "
+    "the rectangles of one task turned into masks",
+    "pre-annotation",
+    "detections: the highest-scoring kept (logged); rectangles: 413 `too_many_instances`",
+)
+MAX_TEXT_PROMPTS = _limit(
+    "TAPMASK_MAX_TEXT_PROMPTS",
+    32,
+    "prompts",
+    "text prompts (phrases, `car . truck` is two) sent to the detector for one image",
+    "pre-annotation",
+    "413 `too_many_text_prompts`",
+)
+MAX_TEXT_PROMPT_CHARS = _limit(
+    "TAPMASK_MAX_TEXT_PROMPT_CHARS",
+    1024,
+    "characters",
+    "the detector's whole text for one image (every phrase joined by ` . `); Grounding DINO "
+    "also refuses more than its 256 text tokens",
+    "pre-annotation",
+    "413 `text_prompt_too_long`",
+)
+RETRIEVE_BUDGET_S = _limit(
+    "TAPMASK_RETRIEVE_BUDGET_S",
+    80.0,
+    "seconds",
+    'one Label Studio "Retrieve predictions" call answered with masks (Label Studio waits '
+    "100 s); tasks not done by then get no prediction",
+    "Label Studio",
+    "unfinished tasks skipped (logged)",
 )
 
 

@@ -34,6 +34,12 @@ CPU_TORCH: dict[str | None, tuple[str, ...]] = {
 
 HELP = "Left click adds positive points, right click negative ones"
 BOX_HELP = f"{HELP}; you may start with a box around the object"
+#: What tapmask's trackers follow (``backends.cvat.tracking.SHAPE_TYPES``).
+TRACKED_SHAPES = ("rectangle", "polygon")
+TRACKER_ABOUT = (
+    " CVAT sends {image, shapes, states} per frame and gets {shapes, states}; a state is a small "
+    "JSON handle to the tracker's memory kept in the worker (and in Redis with a worker pool)."
+)
 
 
 @dataclass(frozen=True)
@@ -107,6 +113,8 @@ class Function:
     box: Box = "no"  # "optional": startswith_box_optional; "required": startswith_box
     # detectors
     labels: tuple[Label, ...] = ()
+    # trackers: metadata.annotations.supported_shape_types (newer CVAT sends {type, points})
+    shape_types: tuple[str, ...] = ()
     workers: int = 1  # one process per worker, each with its own model copy and caches
     workers_note: str = ""  # why, when not 1
 
@@ -127,6 +135,8 @@ class Function:
         names = [label.name for label in self.labels]
         if (self.kind == "detector") != bool(names) or len(set(names)) != len(names):
             raise ValueError(f"{where}: a detector, and only one, lists labels, with unique names")
+        if self.shape_types and self.kind != "tracker":
+            raise ValueError(f"{where}: shape_types are for trackers")
         if self.workers != 1 and not self.workers_note:
             raise ValueError(f"{where}: say in workers_note why {self.workers} workers")
 
@@ -255,5 +265,47 @@ FUNCTIONS: tuple[Function, ...] = (
         help_message=BOX_HELP,
         min_pos_points=0,
         box="optional",
+    ),
+    Function(
+        folder="flow-tracker",
+        name="tapmask-flow-tracker",
+        title="Optical-flow tracker (tapmask)",
+        kind="tracker",
+        description="Weights-free video tracker by tapmask: optical flow + GrabCut refinement "
+        "(OpenCV, CPU)",
+        about="the weights-free video tracker: dense optical flow carries the object's mask to "
+        "the next frame and GrabCut refines its edges; rectangles and polygons, no torch, no "
+        "checkpoint." + TRACKER_ABOUT,
+        model="flow",
+        gpu=False,
+        framework="opencv",
+        shape_types=TRACKED_SHAPES,
+    ),
+    Function(
+        folder="sam2-tracker",
+        name="tapmask-sam2-tracker",
+        title="SAM 2.1 tracker (tapmask)",
+        kind="tracker",
+        description="SAM 2.1 video tracker by tapmask (transformers), bounded memory bank",
+        about="SAM 2.1 video propagation through Hugging Face transformers, with the official "
+        "predictor's bounded memory bank. Other sizes: TAPMASK_MODEL=sam2.1-hiera-small|"
+        "base-plus|large-video and SAM2_MODEL_DIR to its folder." + TRACKER_ABOUT,
+        model="sam2.1-hiera-tiny-video",
+        env=(("SAM2_MODEL_DIR", "/models/sam2.1-hiera-tiny"),),
+        extra="hf",
+        shape_types=TRACKED_SHAPES,
+    ),
+    Function(
+        folder="edgetam-video",
+        name="tapmask-edgetam-tracker",
+        title="EdgeTAM tracker (tapmask)",
+        kind="tracker",
+        description="EdgeTAM video tracker by tapmask (transformers), fast on CPUs",
+        about="EdgeTAM video propagation (RepViT-M1 SAM 2 with a compact memory) through Hugging "
+        "Face transformers." + TRACKER_ABOUT,
+        model="edgetam-video",
+        env=(("EDGETAM_MODEL_DIR", "/models/edgetam"),),
+        extra="hf",
+        shape_types=TRACKED_SHAPES,
     ),
 )

@@ -132,6 +132,8 @@ def annotations(function: Function) -> dict[str, Any]:
         result["startswith_box"] = True
     if function.help_message:
         result["help_message"] = function.help_message
+    if function.shape_types:
+        result["supported_shape_types"] = ", ".join(function.shape_types)
     return result
 
 

@@ -9,6 +9,9 @@ Configuration is environment only (``spec.env`` in ``function.yaml``):
     registry name of the model to serve: ``grabcut`` (default), ``sam``, ``sam-vit_b|l|h``,
     ``ritm-h18``, ``ritm-h18s``, ``ritm-h32``. Checkpoints come from the model's own variables
     (``SAM_CHECKPOINT``, ``RITM_CHECKPOINT``, ``TAPMASK_MODELS_DIR``), never downloaded.
+    A video tracker (``flow``, ``sam2.1-hiera-*-video``, ``edgetam-video``) makes this a
+    tracker function: ``{image, shapes, states}`` in, ``{shapes, states}`` out
+    (``backends.cvat.tracking``).
 ``TAPMASK_CVAT_MODE``
     ``decode`` (default): reply ``{mask, bounds, points}``. ``embedding``: reply ``{blob}``, the
     SAM image embedding for CVAT's stock SAM browser plugin (function name
@@ -42,9 +45,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from backends import images
-from backends.cvat import formats
+from backends.cvat import formats, tracking
 from backends.dispatch import dispatcher_from_env
-from backends.errors import ModelLoadError, TapmaskError
+from backends.errors import ModelLoadError, ModelNotFound, TapmaskError
+from backends.models import registry
 from backends.settings import check_limits
 
 ENV_MODEL = "TAPMASK_MODEL"
@@ -67,6 +71,14 @@ class Settings:
     model: str
     mode: str = MODE_DECODE
     options: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def tracker(self) -> bool:
+        """A video tracker (``type: tracker`` function): frames with shapes and states."""
+        try:
+            return registry.spec(self.model).kind == "tracker"
+        except ModelNotFound:
+            return False
 
 
 def settings_from_env(environ: Mapping[str, str] | None = None) -> Settings:
@@ -137,6 +149,10 @@ def _serve(context: Any, event: Any) -> str:
     if settings.mode == MODE_EMBEDDING:
         image = formats.parse_embedding_request(data)
         return formats.embedding_reply(user.dispatcher.export_embedding(settings.model, image))
+    if settings.tracker:
+        tracked = tracking.parse_tracker_request(data)
+        answers = user.dispatcher.track(settings.model, tracked.image, list(tracked.targets))
+        return tracking.tracker_reply(tracked, answers)
     request = formats.parse_interactor_request(data)
     prompt = user.click_order.prompt(images.sha256(request.image), request)
     # ``request.threshold`` is validated but not applied: models return binary masks.

@@ -44,6 +44,7 @@ from backends.errors import (
     ImageTimeout,
     ImageTooLarge,
     ImageUrlTooLong,
+    TapmaskError,
 )
 from backends.settings import (
     DOWNLOAD_DEADLINE_S,
@@ -58,6 +59,18 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_BYTES = max_bytes(MAX_IMAGE_MB)
 REFRESH_MARGIN_S = 30.0
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+@dataclass(frozen=True)
+class FetchLimits:
+    """Bounds for a download that is not a task image (a video): its byte limit, the error
+    over it, its deadline and the setting that names the deadline."""
+
+    max_bytes: int
+    deadline: float
+    what: str = "video"
+    too_large: type[TapmaskError] = ImageTooLarge
+    deadline_setting: str = "TAPMASK_DOWNLOAD_DEADLINE_S"
 
 
 @dataclass(frozen=True)
@@ -136,35 +149,19 @@ def check_url(url: str) -> None:
         raise BadImageUrl(f"image URL {_redact(url)!r} has no host")
 
 
-class ImageClient:
-    """Task images by URL. ``timeout`` (between bytes), ``deadline`` (a whole download) and
-    ``max_bytes`` default to ``TAPMASK_DOWNLOAD_READ_TIMEOUT_S``, ``TAPMASK_DOWNLOAD_DEADLINE_S``
-    and ``TAPMASK_MAX_IMAGE_MB``, read when the client is made."""
+class TokenAuth:
+    """The ``Authorization`` header for a Label Studio: ``Token …`` for a legacy token; for a
+    Personal Access Token (a JWT refresh token) ``Bearer …`` with an access token from
+    ``/api/token/refresh/``, cached and refreshed shortly before it expires. Tokens never reach
+    a log or an error message. Shared by the image client and the REST client (``api.py``)."""
 
-    def __init__(
-        self,
-        *,
-        timeout: float | None = None,
-        deadline: float | None = None,
-        max_bytes: int | None = None,
-        cache_bytes: int = 512 * 1024 * 1024,
-        transport: httpx.BaseTransport | None = None,
-    ) -> None:
-        self.timeout = float(DOWNLOAD_READ_TIMEOUT_S) if timeout is None else float(timeout)
-        self.deadline = float(DOWNLOAD_DEADLINE_S) if deadline is None else float(deadline)
-        self.max_bytes = _max_image_bytes() if max_bytes is None else int(max_bytes)
-        self._http = httpx.Client(
-            timeout=self.timeout, follow_redirects=True, transport=transport, trust_env=False
-        )
-        self.cache: LRUCache[bytes] = LRUCache(cache_bytes, "image-bytes")
+    def __init__(self, http: httpx.Client, timeout: float) -> None:
+        self._http = http
+        self.timeout = timeout
         self._access: dict[tuple[str, str], tuple[str, float]] = {}  # (url, PAT) → access, exp
         self._lock = threading.Lock()
 
-    def close(self) -> None:
-        self._http.close()
-
-    # -- authentication ----------------------------------------------------------------------
-    def auth_header(self, creds: Credentials) -> dict[str, str]:
+    def header(self, creds: Credentials) -> dict[str, str]:
         if not creds.token:
             return {}
         if not is_jwt(creds.token):
@@ -199,6 +196,37 @@ class ImageClient:
             self._access[key] = (access, expiry)
         return access
 
+
+class ImageClient:
+    """Task images by URL. ``timeout`` (between bytes), ``deadline`` (a whole download) and
+    ``max_bytes`` default to ``TAPMASK_DOWNLOAD_READ_TIMEOUT_S``, ``TAPMASK_DOWNLOAD_DEADLINE_S``
+    and ``TAPMASK_MAX_IMAGE_MB``, read when the client is made."""
+
+    def __init__(
+        self,
+        *,
+        timeout: float | None = None,
+        deadline: float | None = None,
+        max_bytes: int | None = None,
+        cache_bytes: int = 512 * 1024 * 1024,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.timeout = float(DOWNLOAD_READ_TIMEOUT_S) if timeout is None else float(timeout)
+        self.deadline = float(DOWNLOAD_DEADLINE_S) if deadline is None else float(deadline)
+        self.max_bytes = _max_image_bytes() if max_bytes is None else int(max_bytes)
+        self._http = httpx.Client(
+            timeout=self.timeout, follow_redirects=True, transport=transport, trust_env=False
+        )
+        self.cache: LRUCache[bytes] = LRUCache(cache_bytes, "image-bytes")
+        self.auth = TokenAuth(self._http, self.timeout)
+
+    def close(self) -> None:
+        self._http.close()
+
+    # -- authentication ----------------------------------------------------------------------
+    def auth_header(self, creds: Credentials) -> dict[str, str]:
+        return self.auth.header(creds)
+
     # -- fetching -----------------------------------------------------------------------------
     def resolve(self, url: str, creds: Credentials) -> str:
         """The absolute URL to download; ``check_url`` refuses a malformed one first."""
@@ -217,21 +245,33 @@ class ImageClient:
             raise BadImageUrl(f"image URL {_redact(absolute)!r} is not valid: {exc}") from None
         return absolute
 
-    def fetch(self, url: str, creds: Credentials) -> bytes:
+    def fetch(
+        self,
+        url: str,
+        creds: Credentials,
+        *,
+        limits: FetchLimits | None = None,
+    ) -> bytes:
+        """The bytes at ``url`` (cached by URL). ``limits`` replaces the image byte limit and
+        deadline (a task's video: ``backends.video.decode``) and keeps the bytes out of the
+        image cache."""
         if url[:5].lower() == "data:":
-            return self._data_uri(url)
+            return self._data_uri(url, limits)
         absolute = self.resolve(url, creds)
-        cached = self.cache.get(absolute)
+        cached = self.cache.get(absolute) if limits is None else None
         if cached is not None:
             return cached
         parts = urlsplit(absolute)
         same_host = creds.origin == (parts.scheme, parts.netloc)
         headers = self.auth_header(creds) if same_host else {}
-        data = self._download(absolute, headers)
-        self.cache.put(absolute, data, len(data))
+        data = self._download(absolute, headers, limits)
+        if limits is None:
+            self.cache.put(absolute, data, len(data))
         return data
 
-    def _download(self, url: str, headers: dict[str, str]) -> bytes:
+    def _download(
+        self, url: str, headers: dict[str, str], limits: FetchLimits | None = None
+    ) -> bytes:
         """``_stream`` on its own thread, waited for until the deadline at most.
 
         httpx bounds each read (``timeout``) but not a whole download: a host trickling a byte
@@ -240,27 +280,42 @@ class ImageClient:
         """
         done: Future[bytes] = Future()
         abandoned = threading.Event()
+        deadline, setting = (
+            (self.deadline, "TAPMASK_DOWNLOAD_DEADLINE_S")
+            if limits is None
+            else (limits.deadline, limits.deadline_setting)
+        )
 
         def run() -> None:
             try:
-                done.set_result(self._stream(url, headers, abandoned))
+                done.set_result(self._stream(url, headers, abandoned, limits))
             except BaseException as exc:  # handed to the waiting caller
                 done.set_exception(exc)
 
         threading.Thread(target=run, name="image-download", daemon=True).start()
         try:
-            return done.result(timeout=self.deadline)
+            return done.result(timeout=deadline)
         except TimeoutError:
             if done.done():  # the download's own timeout, raised just now
                 raise
             abandoned.set()
             raise ImageTimeout(
-                f"image download ran past its {self.deadline:g} s deadline "
-                f"(TAPMASK_DOWNLOAD_DEADLINE_S): {_redact(url)}"
+                f"download ran past its {deadline:g} s deadline ({setting}): {_redact(url)}"
             ) from None
 
-    def _stream(self, url: str, headers: dict[str, str], abandoned: threading.Event) -> bytes:
+    def _stream(
+        self,
+        url: str,
+        headers: dict[str, str],
+        abandoned: threading.Event,
+        limits: FetchLimits | None = None,
+    ) -> bytes:
         shown = _redact(url)
+        max_bytes, too_large, what = (
+            (self.max_bytes, ImageTooLarge, "image")
+            if limits is None
+            else (limits.max_bytes, limits.too_large, limits.what)
+        )
         try:
             with self._http.stream("GET", url, headers=headers, timeout=self.timeout) as response:
                 if response.status_code in (401, 403):
@@ -276,10 +331,10 @@ class ImageClient:
                         f"image download failed ({response.status_code}): {shown}"
                     )
                 declared = response.headers.get("content-length")
-                if declared and declared.isdigit() and int(declared) > self.max_bytes:
-                    raise ImageTooLarge(
-                        f"image at {shown} is {int(declared)} bytes, over the "
-                        f"{self.max_bytes}-byte download limit"
+                if declared and declared.isdigit() and int(declared) > max_bytes:
+                    raise too_large(
+                        f"{what} at {shown} is {int(declared)} bytes, over the "
+                        f"{max_bytes}-byte download limit"
                     )
                 content_type = response.headers.get("content-type", "")
                 if content_type.startswith(("text/html", "application/json")):
@@ -292,9 +347,9 @@ class ImageClient:
                     if abandoned.is_set():  # the caller has answered 504 already
                         return b""
                     total += len(chunk)
-                    if total > self.max_bytes:
-                        raise ImageTooLarge(
-                            f"image at {shown} exceeds the {self.max_bytes}-byte download limit"
+                    if total > max_bytes:
+                        raise too_large(
+                            f"{what} at {shown} exceeds the {max_bytes}-byte download limit"
                         )
                     chunks.append(chunk)
                 return b"".join(chunks)
@@ -308,18 +363,23 @@ class ImageClient:
         except httpx.HTTPError as exc:
             raise ImageFetchError(f"cannot download {shown}: {exc}") from exc
 
-    def _data_uri(self, url: str) -> bytes:
+    def _data_uri(self, url: str, limits: FetchLimits | None = None) -> bytes:
+        max_bytes, too_large, what = (
+            (self.max_bytes, ImageTooLarge, "image")
+            if limits is None
+            else (limits.max_bytes, limits.too_large, limits.what)
+        )
         header, _, payload = url.partition(",")
         if ";base64" not in header[:200]:
-            raise ImageError("data: image URIs must be base64-encoded")
-        if len(payload) > self.max_bytes // 3 * 4 + 4:
-            raise ImageTooLarge(f"data: URI image exceeds the {self.max_bytes}-byte limit")
+            raise ImageError(f"data: {what} URIs must be base64-encoded")
+        if len(payload) > max_bytes // 3 * 4 + 4:
+            raise too_large(f"data: URI {what} exceeds the {max_bytes}-byte limit")
         try:
             data = base64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError) as exc:
             raise ImageError(f"data: URI is not valid base64: {exc}") from exc
-        if len(data) > self.max_bytes:
-            raise ImageTooLarge(f"data: URI image exceeds the {self.max_bytes}-byte limit")
+        if len(data) > max_bytes:
+            raise too_large(f"data: URI {what} exceeds the {max_bytes}-byte limit")
         return data
 
 

@@ -15,6 +15,9 @@ log = logging.getLogger("tapmask.labelstudio")
 
 OUTPUT_TYPES = {"brushlabels": "BrushLabels", "polygonlabels": "PolygonLabels"}
 SMART_TYPES = {"keypointlabels", "rectanglelabels"}
+VIDEO_TYPES = {"videorectangle"}
+#: Label Studio's ``<Video framerate>`` default (``tags/object/Video/Video.js``).
+DEFAULT_FRAMERATE = "24"
 
 
 @dataclass(frozen=True)
@@ -25,9 +28,19 @@ class Control:
     labels: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class VideoTag:
+    """A ``<Video>``: its task data key and ``framerate`` (a number or ``$key`` of task data)."""
+
+    name: str
+    key: str
+    framerate: str = DEFAULT_FRAMERATE
+
+
 @dataclass
 class LabelConfig:
     images: dict[str, str] = field(default_factory=dict)  # Image tag name → task data key
+    videos: dict[str, VideoTag] = field(default_factory=dict)
     controls: list[Control] = field(default_factory=list)
 
     @classmethod
@@ -44,7 +57,15 @@ class LabelConfig:
             if tag == "Image" and element.get("name"):
                 value = element.get("value", "")
                 config.images[element.get("name", "")] = value.lstrip("$")
-            elif tag.lower() in OUTPUT_TYPES or tag.lower() in SMART_TYPES:
+            elif tag == "Video" and element.get("name"):
+                name = element.get("name", "")
+                # Label Studio lower-cases attribute names: frameRate, framerate, FrameRate.
+                attrs = {k.lower(): v for k, v in element.attrib.items()}
+                framerate = attrs.get("framerate", "").strip()
+                config.videos[name] = VideoTag(
+                    name, element.get("value", "").lstrip("$"), framerate or DEFAULT_FRAMERATE
+                )
+            elif tag.lower() in OUTPUT_TYPES.keys() | SMART_TYPES | VIDEO_TYPES:
                 labels = tuple(
                     child.get("value", "") for child in element if child.tag in ("Label", "Choice")
                 )

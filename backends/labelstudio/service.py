@@ -1,9 +1,10 @@
 """What the Label Studio backend does with a request, as a plain class (no HTTP here).
 
 ``LabelStudioService.predict(body)`` is ``POST /predict``: parse the payload → dispatch each
-object to the model → format brush/polygon regions. ``setup(body)`` remembers the host and token
-Label Studio pushes per project. ``app.py`` only routes HTTP to these methods, so tests can call
-them directly.
+object to the model → format brush/polygon regions. Without context ("Retrieve predictions", task
+open) it prefetches, or pre-annotates the tasks for projects that opt in (``retrieve.py``).
+``setup(body)`` remembers the host, token and extra params Label Studio pushes per project.
+``app.py`` only routes HTTP to these methods, so tests can call them directly.
 """
 
 from __future__ import annotations
@@ -14,16 +15,18 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from pydantic import ValidationError
 
 from backends import __version__, images
 from backends.dispatch import Dispatcher
-from backends.errors import EmptyMask, InvalidRequest, TapmaskError
+from backends.errors import EmptyMask, InvalidRequest
 from backends.labelstudio.client import Credentials, ImageClient, check_url
 from backends.labelstudio.frames import frame_for
-from backends.labelstudio.labelconfig import Control, LabelConfig
+from backends.labelstudio.labelconfig import VIDEO_TYPES, Control, LabelConfig
+from backends.labelstudio.preannotation import MODES
 from backends.labelstudio.predict import (
     ObjectRequest,
     PredictRequest,
@@ -31,7 +34,12 @@ from backends.labelstudio.predict import (
     regions,
     to_prompt,
 )
+from backends.labelstudio.retrieve import Retriever, check_extra_params, retrieve_plan
+from backends.labelstudio.video import VideoTracking
+from backends.labelstudio.videoregions import regions_from_context
+from backends.preannotate.settings import detector_name
 from backends.settings import MAX_REQUEST_MB, PREFETCH_QUEUE, max_bytes, model_name
+from backends.video.decode import VideoFrames
 
 log = logging.getLogger("tapmask.labelstudio")
 
@@ -52,6 +60,24 @@ class Settings:
     prefetch_threads: int = 2
     prefetch_queue: int = field(default_factory=lambda: int(PREFETCH_QUEUE))
     polygon_tolerance: float = 1.0
+    # Video regions (videorectangle): the tracker, how far one request follows an object, and
+    # when to answer with what is tracked so far (Label Studio waits 100 s for /predict).
+    tracker: str = field(default_factory=lambda: _env("TAPMASK_TRACKER") or "flow")
+    video_track_seconds: float = field(
+        default_factory=lambda: float(_env("TAPMASK_VIDEO_TRACK_SECONDS") or 4.0)
+    )
+    video_track_deadline_s: float = field(
+        default_factory=lambda: float(_env("TAPMASK_VIDEO_TRACK_DEADLINE_S") or 60.0)
+    )
+    video_frame_cache_mb: float = field(
+        default_factory=lambda: float(_env("TAPMASK_VIDEO_FRAME_CACHE_MB") or 512.0)
+    )
+    # "Retrieve predictions" with masks for every project ("text" / "boxes"; extra params opt
+    # one project in), the text mode's detector, the region format, tasks at a time.
+    retrieve: str | None = field(default_factory=lambda: _env("TAPMASK_RETRIEVE"))
+    detector: str = field(default_factory=detector_name)
+    retrieve_format: str = field(default_factory=lambda: _env("TAPMASK_RETRIEVE_FORMAT") or "brush")
+    retrieve_concurrency: int = 2
 
     @property
     def model_version(self) -> str:
@@ -64,13 +90,26 @@ class Projects:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._by_project: dict[str, Credentials] = {}
+        self._extra: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
 
-    def remember(self, project: str | None, hostname: str | None, token: str | None) -> None:
+    def remember(
+        self,
+        project: str | None,
+        hostname: str | None,
+        token: str | None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
         if project is None:
             return
         with self._lock:
             self._by_project[project] = Credentials(hostname or None, token or None)
+            self._extra[project] = dict(extra or {})
+
+    def extra_params(self, project: str | None) -> dict[str, Any]:
+        """The project's checked ML backend extra params (``retrieve``, ``prompts``, ``format``)."""
+        with self._lock:
+            return dict(self._extra.get(project or "", {}))
 
     def credentials(self, project: str | None) -> Credentials:
         env = Credentials(self._settings.label_studio_url, self._settings.api_key)
@@ -80,6 +119,13 @@ class Projects:
             return env
         # The environment wins: /setup's hostname defaults to localhost, wrong inside Docker.
         return Credentials(env.url or pushed.url, env.token or pushed.token)
+
+
+def _is_video(result: Any) -> bool:
+    """Whether the smart regions are video regions (Label Studio never mixes types)."""
+    return isinstance(result, list) and any(
+        isinstance(item, dict) and item.get("type") in VIDEO_TYPES for item in result
+    )
 
 
 def project_id(project: Any) -> str | None:
@@ -105,14 +151,28 @@ class LabelStudioService:
             self.settings.prefetch_threads, thread_name_prefix="ls-prefetch"
         )
         self._prefetches = threading.BoundedSemaphore(self.settings.prefetch_queue)
+        if self.settings.retrieve not in (None, *MODES):
+            raise InvalidRequest(f"TAPMASK_RETRIEVE must be one of {MODES}")
+        self.retriever = Retriever(dispatcher, self.settings.retrieve_concurrency)
+        self.video = VideoTracking(
+            dispatcher,
+            self.client,
+            VideoFrames(int(self.settings.video_frame_cache_mb * 2**20)),
+            tracker=self.settings.tracker,
+            seconds=self.settings.video_track_seconds,
+            deadline_s=self.settings.video_track_deadline_s,
+        )
 
     def close(self) -> None:
         self._prefetcher.shutdown(wait=False, cancel_futures=True)
+        self.retriever.close()
+        self.video.close()
 
     def stats(self) -> dict[str, dict[str, float]]:
         """Cache counters for ``/metrics``: the dispatcher's and the image downloads'."""
         stats = dict(self.dispatcher.stats())
         stats["image-downloads"] = vars(self.client.cache.stats)
+        stats["video-frames"] = self.video.frames.stats()
         return stats
 
     # -- endpoints ---------------------------------------------------------------------------
@@ -133,7 +193,8 @@ class LabelStudioService:
         project = body.get("project")
         if project is not None and not isinstance(project, (str, int)):
             raise InvalidRequest("/setup: project must be a string")
-        self.projects.remember(project_id(project), hostname, token)
+        extra = check_extra_params(body.get("extra_params"))
+        self.projects.remember(project_id(project), hostname, token, extra)
         return {"model_version": self.settings.model_version}
 
     def predict(self, payload: Any) -> dict[str, Any]:
@@ -142,10 +203,26 @@ class LabelStudioService:
         creds = self.projects.credentials(request.project_id)
         context = request.context
         if not context or not context.get("result"):
+            settings = self.settings
+            plan = retrieve_plan(
+                settings.retrieve,
+                self.projects.extra_params(request.project_id),
+                settings.model,
+                settings.detector,
+                settings.retrieve_format,
+            )
+            if plan is not None:
+                fetch = partial(self.client.fetch, creds=creds)
+                return {"results": self.retriever.results(plan, config, request.tasks, fetch)}
             self._prefetch_tasks(request, config, creds)
             # Nothing to show yet: an empty list stores no junk prediction in Label Studio.
             return {"results": []}
         task = request.tasks[0]
+        if _is_video(context["result"]):
+            regions = regions_from_context(context["result"])
+            return self.video.predict(
+                task, config, regions, creds, model_version=self.settings.model_version
+            )
         # Everything the request controls is checked before the first download: counts and
         # declared sizes (objects_from_context), image URLs and labels (_plan).
         planned = [self._plan(task, obj, config, creds) for obj in objects_from_context(context)]
@@ -248,11 +325,14 @@ class LabelStudioService:
         self, request: PredictRequest, config: LabelConfig, creds: Credentials
     ) -> None:
         for task in request.tasks:
-            for to_name in config.images:
-                try:
-                    url = self._task_image(task, config, to_name)
-                except TapmaskError as exc:
-                    log.info("task %s: nothing to prefetch (%s)", task.get("id"), exc)
+            # Images: their embeddings; videos: the download (decoded when first tracked).
+            keys = [(key, False) for key in config.images.values()]
+            keys += [(tag.key, True) for tag in config.videos.values() if tag.key]
+            for key, is_video in keys:
+                data = task.get("data")
+                url = data.get(key) if isinstance(data, dict) else None
+                if not isinstance(url, str) or not url:
+                    log.info("task %s: nothing to prefetch (no data.%s)", task.get("id"), key)
                     continue
                 if not self._prefetches.acquire(blocking=False):
                     log.info(
@@ -262,11 +342,14 @@ class LabelStudioService:
                         self.settings.prefetch_queue,
                     )
                     continue
-                self._prefetcher.submit(self._prefetch_one, task.get("id"), url, creds)
+                self._prefetcher.submit(self._prefetch_one, task.get("id"), url, creds, is_video)
 
-    def _prefetch_one(self, task_id: Any, url: str, creds: Credentials) -> None:
+    def _prefetch_one(self, task_id: Any, url: str, creds: Credentials, is_video: bool) -> None:
         try:
-            self.dispatcher.prefetch(self.settings.model, self.client.fetch(url, creds))
+            if is_video:
+                self.video.video(url, creds)
+            else:
+                self.dispatcher.prefetch(self.settings.model, self.client.fetch(url, creds))
         except Exception as exc:  # background work: log, never raise
             log.warning("task %s: prefetch failed: %s", task_id, exc)
         finally:

@@ -63,9 +63,13 @@ class RedisEmbeddingStore:
         ttl: int = 3600,
         max_bytes: int = 4 << 30,
         max_entry_bytes: int = 64 << 20,
+        tier: str = "emb",
     ) -> None:
+        """``tier`` names the key prefix: ``emb`` for image embeddings, ``trk`` for video
+        tracker states (``backends.tracking``); each tier has its own index and bound."""
         self.redis = connection
         self.keys = keys or Keys()
+        self.tier = tier
         self.ttl = int(ttl)
         self.max_bytes = int(max_bytes)
         self.max_entry_bytes = int(max_entry_bytes)
@@ -73,11 +77,11 @@ class RedisEmbeddingStore:
         self.hits = self.misses = self.puts = self.errors = 0
 
     def get(self, model: str, image_key: str) -> bytes | None:
-        key = self.keys.embedding(model, image_key)
+        key = self.keys.embedding(model, image_key, self.tier)
         try:
             with self.redis.pipeline(transaction=False) as pipe:
                 pipe.getex(key, ex=self.ttl)
-                pipe.zadd(self.keys.embedding_index, {key: time.time()}, xx=True)
+                pipe.zadd(self.keys.tier_index(self.tier), {key: time.time()}, xx=True)
                 data, _ = pipe.execute()
         except redis.RedisError as exc:
             self.errors += 1
@@ -96,10 +100,10 @@ class RedisEmbeddingStore:
         try:
             self._put(
                 keys=[
-                    keys.embedding(model, image_key),
-                    keys.embedding_index,
-                    keys.embedding_sizes,
-                    keys.embedding_bytes,
+                    keys.embedding(model, image_key, self.tier),
+                    keys.tier_index(self.tier),
+                    keys.tier_sizes(self.tier),
+                    keys.tier_bytes(self.tier),
                 ],
                 args=[data, self.ttl, f"{time.time():.6f}", self.max_bytes],
             )
@@ -109,4 +113,4 @@ class RedisEmbeddingStore:
             log.warning("could not share an embedding: %s", exc)
 
     def total_bytes(self) -> int:
-        return int(self.redis.get(self.keys.embedding_bytes) or 0)
+        return int(self.redis.get(self.keys.tier_bytes(self.tier)) or 0)

@@ -116,6 +116,23 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
         64,
         "embeddings larger than this are not shared",
     )
+    _setting(
+        parser,
+        "--shared-track-states-mb",
+        "TAPMASK_SHARED_TRACK_STATES_MB",
+        float,
+        1024,
+        "bound of the video trackers' per-object states shared through Redis (fp16), all "
+        "workers together; 0 disables (the next frame on another worker re-initialises)",
+    )
+    _setting(
+        parser,
+        "--shared-track-state-ttl",
+        "TAPMASK_SHARED_TRACK_STATE_TTL",
+        int,
+        8 * 3600,
+        "seconds a shared tracker state lives after its last use (CVAT's signed states: 8 h)",
+    )
     timeout = os.environ.get("TAPMASK_JOB_TIMEOUT", "")
     parser.add_argument(
         "--job-timeout",

@@ -33,6 +33,7 @@ from backends.redis.jobs import WorkerRuntime
 from backends.redis.metrics import WorkerIdentity, WorkerMetrics
 from backends.redis.protocol import QUEUE_KINDS, Keys, check_model_name
 from backends.redis.worker import TapmaskWorker
+from backends.settings import MAX_TRACK_STATE_MB, max_bytes
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ def _split(values: Sequence[str] | str | None) -> list[str]:
     return [item.strip() for value in values for item in value.split(",") if item.strip()]
 
 
-def _load_plugins(names: Sequence[str]) -> None:
+def load_plugins(names: Sequence[str]) -> None:
     for name in names:
         try:
             importlib.import_module(name)
@@ -67,7 +68,7 @@ def build_worker(args: argparse.Namespace) -> TapmaskWorker:
     for model in models:
         check_model_name(model)
     kinds = queue_kinds(args.queue_kinds)
-    _load_plugins(_split(args.plugin) + _split(os.environ.get("TAPMASK_PLUGINS")))
+    load_plugins(_split(args.plugin) + _split(os.environ.get("TAPMASK_PLUGINS")))
     options: dict[str, Any] = {}
     if args.device:
         options["device"] = args.device
@@ -87,7 +88,17 @@ def build_worker(args: argparse.Namespace) -> TapmaskWorker:
             max_bytes=int(args.shared_embeddings_mb * MiB),
             max_entry_bytes=int(args.shared_embedding_max_mb * MiB),
         )
-    engine = Engine(shared_embeddings=store)
+    track_store = None
+    if getattr(args, "shared_track_states_mb", 0) > 0:
+        track_store = RedisEmbeddingStore(
+            connection,
+            keys,
+            tier="trk",
+            ttl=args.shared_track_state_ttl,
+            max_bytes=int(args.shared_track_states_mb * MiB),
+            max_entry_bytes=max_bytes(MAX_TRACK_STATE_MB),
+        )
+    engine = Engine(shared_embeddings=store, shared_track_states=track_store)
     engine.load(models, **options)  # once, before any job; never per request
 
     name = args.name or f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:6]}"

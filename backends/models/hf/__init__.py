@@ -62,7 +62,26 @@ SAM2 = Family("sam2", "SAM 2.1", "Sam2Model", ("sam2", "sam2_video"), "SAM2_MODE
 EDGETAM = Family(
     "edgetam", "EdgeTAM", "EdgeTamModel", ("edgetam", "edgetam_video"), "EDGETAM_MODEL_DIR"
 )
-FAMILIES = {family.key: family for family in (SAM, SAM_HQ, SAM2, EDGETAM)}
+GROUNDING_DINO = Family(
+    "grounding_dino",
+    "Grounding DINO",
+    "GroundingDinoForObjectDetection",
+    ("grounding-dino",),
+    "GROUNDING_DINO_MODEL_DIR",
+)
+FAMILIES = {family.key: family for family in (SAM, SAM_HQ, SAM2, EDGETAM, GROUNDING_DINO)}
+#: Video predictors (``backends.models.hf.video``): the same hub repositories and directories
+#: as the image models (one checkpoint serves both), read with the video model classes.
+SAM2_VIDEO = Family(
+    "sam2_video", "SAM 2.1 video", "Sam2VideoModel", ("sam2_video", "sam2"), "SAM2_MODEL_DIR"
+)
+EDGETAM_VIDEO = Family(
+    "edgetam_video",
+    "EdgeTAM video",
+    "EdgeTamVideoModel",
+    ("edgetam_video", "edgetam"),
+    "EDGETAM_MODEL_DIR",
+)
 
 #: The word for each SAM ViT size in the hub repositories' names.
 _VIT_NAMES = {"vit_b": "base", "vit_l": "large", "vit_h": "huge"}
@@ -105,8 +124,42 @@ def _sam_models() -> dict[str, HfModel]:
     return table
 
 
-#: Every model of this package by registry name.
+def _video_models(images: Mapping[str, HfModel]) -> dict[str, HfModel]:
+    """``<image model>-video`` for SAM 2.1 (every size) and EdgeTAM: video trackers."""
+    table: dict[str, HfModel] = {}
+    for base in [f"sam2.1-hiera-{size}" for size in HIERA_SIZES] + ["edgetam"]:
+        info = images[base]
+        family = SAM2_VIDEO if info.family is SAM2 else EDGETAM_VIDEO
+        description = info.description.replace(" (transformers", " video tracker (transformers")
+        table[f"{base}-video"] = HfModel(
+            f"{base}-video", family, info.repo_id, description, info.fingerprint, info.variant
+        )
+    return table
+
+
+#: Every segmenter of this package by registry name.
 MODELS: dict[str, HfModel] = _sam_models()
+#: Every video tracker of this package by registry name (``<image model>-video``).
+VIDEO_MODELS: dict[str, HfModel] = _video_models(MODELS)
+
+#: Swin backbone sizes of the official Grounding DINO checkpoints (``config.json`` values).
+_SWIN_FINGERPRINTS = {
+    "tiny": {"backbone_config.embed_dim": 96, "backbone_config.depths": [2, 2, 6, 2]},
+    "base": {"backbone_config.embed_dim": 128, "backbone_config.depths": [2, 2, 18, 2]},
+}
+
+#: Every open-vocabulary detector of this package by registry name (text → boxes).
+DETECTORS: dict[str, HfModel] = {
+    f"grounding-dino-{size}": HfModel(
+        f"grounding-dino-{size}",
+        GROUNDING_DINO,
+        f"IDEA-Research/grounding-dino-{size}",
+        f"Grounding DINO Swin-{size[0].upper()} text-prompted detector (transformers)",
+        fingerprint,
+        size,
+    )
+    for size, fingerprint in _SWIN_FINGERPRINTS.items()
+}
 
 #: Files fetched from the hub: the model, its config and the processor's config; nothing else.
 HUB_FILES = (
@@ -116,16 +169,24 @@ HUB_FILES = (
     "model-*-of-*.safetensors",
     "preprocessor_config.json",
     "processor_config.json",
+    # a detector's text tokenizer (Grounding DINO: BERT's)
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
 )
 
 
 def names() -> list[str]:
+    """The segmenters' names (``DETECTORS`` holds the detectors')."""
     return sorted(MODELS)
 
 
 def model_info(name: str) -> HfModel:
     try:
-        return MODELS[name]
+        if name in MODELS:
+            return MODELS[name]
+        return VIDEO_MODELS[name] if name in VIDEO_MODELS else DETECTORS[name]
     except KeyError:
         raise ModelNotFound(
             f"unknown transformers model {name!r}; known: {', '.join(names())}"
@@ -141,7 +202,7 @@ def model_directory(name: str, checkpoint: str | os.PathLike[str] | None = None)
     env = os.environ.get(info.family.env)
     if env:
         return Path(env).expanduser()
-    return models_dir() / name
+    return models_dir() / name.removesuffix("-video")  # a tracker reads its image model's files
 
 
 def build(
@@ -174,6 +235,25 @@ def build(
             f"model {name!r} needs {exc.name or exc} (pip install 'tapmask[hf]')"
         ) from exc
     return build_family_model(info, checkpoint=checkpoint, device=device, **options)
+
+
+def build_detector(
+    name: str,
+    checkpoint: str | os.PathLike[str] | None = None,
+    device: Any = None,
+    **options: Any,
+) -> Any:
+    """Registry factory for every name in ``DETECTORS`` (a ``Detector``; options: see
+    ``backends.models.hf.grounding_dino.build``). Never reaches the hub (see ``build``)."""
+    info = model_info(name)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        from backends.models.hf.grounding_dino import build as build_grounding_dino
+    except ImportError as exc:
+        raise ModelLoadError(
+            f"model {name!r} needs {exc.name or exc} (pip install 'tapmask[hf]')"
+        ) from exc
+    return build_grounding_dino(info, checkpoint=checkpoint, device=device, **options)
 
 
 def download(
@@ -227,12 +307,15 @@ def convert_sam_checkpoint(
 
 
 __all__ = [
+    "DETECTORS",
     "FAMILIES",
     "HUB_FILES",
     "MODELS",
+    "VIDEO_MODELS",
     "Family",
     "HfModel",
     "build",
+    "build_detector",
     "convert_sam_checkpoint",
     "download",
     "model_directory",
