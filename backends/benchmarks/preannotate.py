@@ -6,7 +6,8 @@
   detector alone: what the masks add;
 * boxes → masks (``boxes_to_masks``), 3 boxes per image, EdgeTAM against GrabCut (weights-free);
 * boxes → masks with GrabCut through Redis (``batch`` queue), 2 workers against 1, 4 images in
-  flight (it needs two free cores: on a shared machine the ratio shows how many were free);
+  flight, other images in each run (a worker's Engine caches answers); it needs two free cores:
+  on a shared machine the ratio shows how many were free;
 * Label Studio's API per task as ``tapmask annotate`` calls it (read the task, download its image,
   post a prediction of 3 brush regions, then delete it), against GrabCut's boxes → masks of the
   same task: the share of a task's time spent talking to Label Studio. It starts a real Label
@@ -120,7 +121,6 @@ def _workers() -> list[BenchRow]:
     from backends.benchmarks.redis_procs import RedisServer, WorkerProcess
     from backends.redis.dispatcher import RedisDispatcher
 
-    frames = _images(12, 40)
     rates: dict[int, float] = {}
     with RedisServer() as server, tempfile.TemporaryDirectory() as logs:
         connection = server.client()
@@ -131,7 +131,9 @@ def _workers() -> list[BenchRow]:
                 name = f"bench-pre-{count}"
                 workers.append(WorkerProcess(server.url, ["grabcut"], name=name, log_dir=logs))
                 workers[-1].wait_ready(connection)
-                boxes_to_masks(remote, "grabcut", frames[0], BOXES[:1])  # warm-up
+                # New images for each run: a worker's Engine has the last run's answers cached.
+                frames = _images(12, 40 + 20 * count)
+                boxes_to_masks(remote, "grabcut", _images(1, 99)[0], BOXES[:1])  # warm-up
                 started = time.perf_counter()
                 with ThreadPoolExecutor(4) as pool:
                     list(pool.map(lambda f: boxes_to_masks(remote, "grabcut", f, BOXES), frames))
