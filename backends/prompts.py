@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from backends.errors import PromptError, TapmaskError, TooManyPoints
-from backends.settings import MAX_SHAPE_POINTS
+from backends.errors import PromptError, TapmaskError, TooManyClicks, TooManyPoints
+from backends.settings import MAX_CLICKS, MAX_SHAPE_POINTS
 
 #: A click this far outside the image (in pixels or as a fraction of the image side, whichever
 #: is larger) is clipped to the border; anything further is rejected as a wrong coordinate system.
@@ -234,7 +234,8 @@ class TrackTarget:
     """One tracked object on one frame, as a tool sends it.
 
     The shape (exactly one of ``box``, ``polygon``, ``mask``; a polygon is ≥ 3 (x, y) image
-    pixels, a mask H×W) is where the tool believes the object is now: it initialises the
+    pixels, a mask H×W; or ``clicks``, alone or with a box, as an interactive model takes them)
+    is where the tool believes the object is now: it initialises the
     tracker when ``state`` is None, and again whenever ``state`` cannot be used (expired,
     unknown, from another tracker or another image size, forged). ``state`` is the opaque
     handle from the previous answer for this object; it travels through browsers and tools and
@@ -245,12 +246,25 @@ class TrackTarget:
     polygon: tuple[tuple[float, float], ...] | None = None
     mask: np.ndarray | None = field(default=None, repr=False)
     state: str | None = None
+    clicks: tuple[Click, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "clicks", tuple(self.clicks))
         given = [s for s in (self.box, self.polygon, self.mask) if s is not None]
-        if len(given) != 1:
+        if self.clicks:
+            if self.polygon is not None or self.mask is not None:
+                raise PromptError("clicks go with a box or alone, not with a polygon or a mask")
+            limit = int(MAX_CLICKS)
+            if len(self.clicks) > limit:
+                raise TooManyClicks(
+                    f"{len(self.clicks)} clicks on a tracked object; at most {limit} "
+                    "(TAPMASK_MAX_CLICKS)"
+                )
+            if not any(c.positive for c in self.clicks) and self.box is None:
+                raise PromptError("clicks without a box need at least one positive click")
+        elif len(given) != 1:
             raise PromptError(
-                "a tracked object needs exactly one shape: a box, a polygon or a mask"
+                "a tracked object needs exactly one shape: a box, a polygon, a mask or clicks"
             )
         if self.polygon is not None:
             limit = int(MAX_SHAPE_POINTS)
@@ -276,8 +290,19 @@ class TrackTarget:
 
     @property
     def kind(self) -> str:
-        """``box``, ``polygon`` or ``mask``: which shape the tool sent (answers keep it)."""
+        """``box``, ``polygon``, ``mask`` or ``clicks`` (clicks with or without a box): which
+        shape the tool sent (answers keep it)."""
+        if self.clicks:
+            return "clicks"
         return "box" if self.box is not None else "polygon" if self.polygon is not None else "mask"
+
+    @property
+    def prompt(self) -> Prompt:
+        """The box and clicks as an interactive ``Prompt`` (``PromptError`` for a polygon or a
+        mask, which are not prompts)."""
+        if self.box is None and not self.clicks:
+            raise PromptError(f"a {self.kind} is not a click prompt")
+        return Prompt(self.clicks, self.box)
 
     def validated(self, width: int, height: int) -> TrackTarget:
         """The target checked against a frame size: coordinates clipped like clicks (far
@@ -298,12 +323,19 @@ class TrackTarget:
             raise PromptError(
                 f"the mask has shape {self.mask.shape}, the frame is {height}×{width}"
             )
-        return TrackTarget(box, polygon, self.mask, self.state)
+        clicks = tuple(
+            Click(_clip("click x", c.x, width), _clip("click y", c.y, height), c.positive)
+            for c in self.clicks
+        )
+        return TrackTarget(box, polygon, self.mask, self.state, clicks)
 
     def shape_mask(self, width: int, height: int) -> np.ndarray:
-        """The shape as an H×W boolean mask (a box filled, a polygon rasterised)."""
+        """The shape as an H×W boolean mask (a box filled, a polygon rasterised). Clicks
+        alone have no shape (``PromptError``): a tracker segments them."""
         if self.mask is not None:
             return self.mask
+        if self.box is None and self.polygon is None:
+            raise PromptError("clicks alone have no shape to rasterise")
         from backends.masks import polygons_to_mask
 
         if self.box is not None:
@@ -317,6 +349,10 @@ class TrackTarget:
         """The shape's bounding box (None for an empty mask)."""
         if self.box is not None:
             return self.box
+        if self.clicks:
+            xs = [c.x for c in self.clicks if c.positive]
+            ys = [c.y for c in self.clicks if c.positive]
+            return Box(min(xs), min(ys), max(xs), max(ys))
         if self.polygon is not None:
             xs = [p[0] for p in self.polygon]
             ys = [p[1] for p in self.polygon]

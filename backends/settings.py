@@ -17,6 +17,8 @@ import os
 from dataclasses import dataclass
 
 DEFAULT_MODEL = "grabcut"
+#: The video tracker used when none is named: weights-free, CPU (``backends.models.flow_tracker``).
+DEFAULT_TRACKER = "flow"
 
 
 def model_name(default: str = DEFAULT_MODEL) -> str:

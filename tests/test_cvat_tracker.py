@@ -155,3 +155,24 @@ def test_bad_tracker_requests_answer_4xx(flow, clip, monkeypatch):
     ]
     for payload, status in cases:
         check_error_reply(flow.call(payload), status)
+
+
+def test_the_sam2_tracker_function_runs_a_tiny_video_model(clip, tmp_path):
+    """The SAM 2.1 tracker function's own environment, its folder pointed at a tiny model."""
+    from tests.test_video_models import _make_sam2
+
+    env = function_env("sam2-tracker")
+    env["SAM2_MODEL_DIR"] = str(_make_sam2(tmp_path / "sam2-video"))
+    env["TAPMASK_MODEL_OPTIONS"] = '{"check_variant": false}'
+    function = NuclioFunction(env)
+    _, truth = clip.frame(0)
+    shapes = [{"type": "rectangle", "points": _box(truth[0])}]
+    reply = function.call({"image": _frame(clip, 0), "shapes": shapes, "states": [None]})
+    assert reply.status == 200, reply.text
+    assert reply.json["shapes"] == shapes
+    for index in (1, 2):
+        reply = function.call({"image": _frame(clip, index), "states": reply.json["states"]})
+        assert reply.status == 200, reply.text
+        shape = reply.json["shapes"][0]
+        assert shape["type"] == "rectangle" and len(shape["points"]) == 4
+    assert function.engine.tracking.stats.stepped == 2

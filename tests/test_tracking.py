@@ -11,7 +11,7 @@ from backends.engine import Engine
 from backends.errors import PromptError, TooManyObjects, TooManyPoints, Unsupported
 from backends.masks import largest_polygon
 from backends.models import registry
-from backends.prompts import Box, TrackTarget, valid_handle
+from backends.prompts import Box, Click, TrackTarget, valid_handle
 from backends.video.synthetic import build_clip, iou
 
 
@@ -105,3 +105,24 @@ def test_track_requests_are_bounded_and_checked(dispatcher, clip, monkeypatch):
     with pytest.raises(Unsupported):
         dispatcher.track("grabcut", data, [TrackTarget(box=Box(1, 1, 9, 9))])
     assert "flow" in registry.trackers()
+
+
+def test_clicks_start_tracking_and_are_checked(dispatcher, clip):
+    _, truth = clip.frame(0)
+    ys, xs = np.nonzero(truth[1])
+    inside = (float(np.median(xs)), float(np.median(ys)))
+    if not truth[1][round(inside[1]), round(inside[0])]:
+        inside = (float(xs[len(xs) // 2]), float(ys[len(ys) // 2]))
+    target = TrackTarget(clicks=(Click(*inside),))
+    first = dispatcher.track("flow", clip.encoded(0), [target])[0]
+    assert iou(first.mask, truth[1]) > 0.5 and target.kind == "clicks"
+    after = dispatcher.track(
+        "flow", clip.encoded(1), [TrackTarget(box=Box(0, 0, 1, 1), state=first.state)]
+    )
+    assert after[0].mask.any()
+    with pytest.raises(PromptError):
+        TrackTarget(clicks=(Click(1, 1),), polygon=((1, 1), (5, 1), (5, 5)))
+    with pytest.raises(PromptError):
+        TrackTarget(clicks=(Click(1, 1, positive=False),))
+    with pytest.raises(PromptError):
+        dispatcher.track("flow", clip.encoded(0), [TrackTarget(clicks=(Click(9000, 1),))])

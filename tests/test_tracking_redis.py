@@ -9,7 +9,7 @@ import pytest
 from backends.dispatch import LocalDispatcher
 from backends.engine import Engine
 from backends.errors import PromptError, TooManyObjects
-from backends.prompts import Box, TrackTarget
+from backends.prompts import Box, Click, TrackTarget
 from backends.redis.dispatcher import RedisDispatcher
 from backends.redis.embeddings import RedisEmbeddingStore
 from backends.redis.protocol import PROTOCOL_VERSION, Keys
@@ -102,5 +102,11 @@ def test_the_worker_side_codec_refuses_malformed_jobs():
     for targets in ("x", [1], [{"box": [1, 2]}], [{"polygon": "abc"}], [{"box": None}]):
         with pytest.raises(PromptError):
             TrackJob.from_payload({**base, "targets": targets})
+    for targets in ([{"clicks": "x"}], [{"clicks": [[1, 2]]}], [{"clicks": [["a", 2, True]]}]):
+        with pytest.raises(PromptError):
+            TrackJob.from_payload({**base, "targets": targets})
     job = TrackJob.from_payload({**base, "targets": [{"box": [1, 2, 3, 4], "state": 7}]})
     assert job.targets[0].state is None and job.targets[0].box == Box(1, 2, 3, 4)
+    sent = TrackJob("flow", "0" * 64, (TrackTarget(clicks=(Click(3, 4), Click(5, 6, False))),))
+    parsed = TrackJob.from_payload(sent.to_payload())
+    assert parsed.targets[0].clicks == (Click(3, 4), Click(5, 6, False))

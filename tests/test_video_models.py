@@ -15,7 +15,7 @@ from backends.engine import Engine
 from backends.errors import ModelLoadError
 from backends.models import hf, registry
 from backends.models.hf import video
-from backends.prompts import Box, TrackTarget
+from backends.prompts import Box, Click, TrackTarget
 from backends.redis.embeddings import RedisEmbeddingStore
 from backends.redis.protocol import Keys
 from backends.video.synthetic import build_clip
@@ -141,12 +141,14 @@ def test_a_clip_is_tracked_with_the_memory_bounded(name, model_dirs, clip):
     assert a.score == b.score
 
 
-def test_box_and_polygon_starts(model_dirs, clip):
+def test_box_polygon_and_click_starts(model_dirs, clip):
     tracker = _tracker("sam2.1-hiera-tiny-video", model_dirs)
     frame, _ = clip.frame(0)
     for target in (
         TrackTarget(box=Box(10, 10, 80, 60)),
         TrackTarget(polygon=((10.0, 10.0), (80.0, 12.0), (50.0, 60.0))),
+        TrackTarget(clicks=(Click(40, 30), Click(70, 50, positive=False))),
+        TrackTarget(box=Box(10, 10, 80, 60), clicks=(Click(40, 30),)),
     ):
         _, state = tracker.start(frame, target)
         assert state.frame == 0 and state.recent == ()

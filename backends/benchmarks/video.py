@@ -11,8 +11,9 @@ next to the repository):
 * memory per tracked object: the state's bytes in the shared tier (fp16) after the memory window
   is full, against one frame's cached image embedding (the baseline's per-frame state);
 * RSS over a long clip (``TAPMASK_BENCH_VIDEO_FRAMES``, default 1,000) tracked with the flow
-  tracker through the tracking service (handles, state cache bounded at 64 MiB here): RSS is
-  printed at the start, middle and end; the row is the growth from the middle to the end.
+  tracker through the tracking service (handles, state cache bounded at 64 MiB here), measured
+  first: RSS is printed at the start, middle and end; the row is the growth from the middle to
+  the end (the state cache fills to its bound in the first ~380 frames: 170 KB a state).
 
 The transformers models are real-size architectures with random weights (timings depend on the
 architecture): the same redraw and denormal flush as the ``hf`` rows. ``TAPMASK_BENCH_VIDEO_STEPS``
@@ -128,7 +129,9 @@ def _run() -> list[BenchRow]:
     clip = build_clip(dataset, objects=1, frames=max(long_frames, 60), width=WIDTH, height=HEIGHT)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     context = f"{torch.get_num_threads()} torch threads, load {load:.1f} on {os.cpu_count()} CPUs"
-    rows: list[BenchRow] = []
+    # RSS first, before any transformers model has been loaded and freed: memory those leave in
+    # the allocator's pools would hide the state cache filling up.
+    rows: list[BenchRow] = [_rss_row(clip, long_frames)]
     for tracker_name, image_name in PAIRS:
         _log(f"{tracker_name} vs {image_name} …")
         try:
@@ -174,7 +177,6 @@ def _run() -> list[BenchRow]:
         )
         del pair
         gc.collect()
-    rows.append(_rss_row(clip, long_frames))
     return rows
 
 

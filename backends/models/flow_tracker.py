@@ -12,7 +12,8 @@ Each step works at a reduced size (long side ``work_side``, default 640 px):
 The object is *lost* when its area falls under ``lost_fraction`` of the area it had when tracking
 started, or collapses to under ``collapse_fraction`` of the previous frame's area in one step
 (occluded, left the frame). A box starts from GrabCut inside the box (a rectangle holds
-background too); a polygon or mask starts from that shape as given.
+background too); clicks (with or without a box) from tapmask's GrabCut click model
+(``backends.models.grabcut``); a polygon or mask starts from that shape as given.
 
 The state is the previous working-size grey frame and mask (about 0.4 MB at 640×360), so memory
 does not grow with the video; it crosses processes as a compressed ``npz`` (no pickle).
@@ -28,6 +29,7 @@ import cv2
 import numpy as np
 
 from backends.errors import ModelLoadError
+from backends.models.grabcut import GrabCutSegmenter
 from backends.models.tracking import Tracked
 from backends.prompts import TrackTarget
 
@@ -64,6 +66,7 @@ class FlowTracker:
         self.lost_fraction = float(lost_fraction)
         self.collapse_fraction = float(collapse_fraction)
         self._flow = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_FAST)
+        self._clicks = GrabCutSegmenter(f"{name}-clicks")
 
     # -- sizes ---------------------------------------------------------------------------------
     def _work_size(self, image: np.ndarray) -> tuple[int, int]:
@@ -92,7 +95,10 @@ class FlowTracker:
         height, width = image.shape[:2]
         rgb, gray = self._small(image)
         size = gray.shape[::-1]
-        if target.box is not None:
+        if target.clicks:
+            full = self._clicks.decode(image, None, target.prompt, None)[0].mask
+            small = self._resize_mask(full, size)
+        elif target.box is not None:
             small = self._box_grabcut(rgb, target, (width, height))
             full = self._resize_mask(small, (width, height))
         else:

@@ -4,7 +4,8 @@ Request (``TRACK_JOB`` on the tracker's interactive queue)::
 
     {"v": 1, "model": tracker, "image": sha256,
      "targets": [{"box": [x1, y1, x2, y2] | null, "polygon": [[x, y], …] | null,
-                  "mask": COCO RLE | null, "state": handle | null}, …]}
+                  "mask": COCO RLE | null, "clicks": [[x, y, positive], …],
+                  "state": handle | null}, …]}
 
 Reply: ``{"ok": true, "worker": …, "answers": [{"state": handle, "mask": COCO RLE,
 "box": [x1, y1, x2, y2] | null, "score": s, "lost": bool}, …]}`` aligned with the targets.
@@ -20,8 +21,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from backends import masks
-from backends.errors import PromptError, TooManyObjects, TooManyPoints, WorkerReplyError
-from backends.prompts import TRACK_HANDLE_MAX_CHARS, Box, TrackAnswer, TrackTarget
+from backends.errors import (
+    PromptError,
+    TooManyClicks,
+    TooManyObjects,
+    TooManyPoints,
+    WorkerReplyError,
+)
+from backends.prompts import TRACK_HANDLE_MAX_CHARS, Box, Click, TrackAnswer, TrackTarget
 from backends.redis.protocol import (
     PROTOCOL_VERSION,
     check_image_key,
@@ -30,7 +37,7 @@ from backends.redis.protocol import (
     ok_reply,
     request_dict,
 )
-from backends.settings import MAX_SHAPE_POINTS, MAX_TRACKED_OBJECTS
+from backends.settings import MAX_CLICKS, MAX_SHAPE_POINTS, MAX_TRACKED_OBJECTS
 
 
 def target_to_dict(target: TrackTarget) -> dict[str, Any]:
@@ -39,6 +46,7 @@ def target_to_dict(target: TrackTarget) -> dict[str, Any]:
         "box": list(target.box.as_xyxy()) if target.box is not None else None,
         "polygon": [list(p) for p in target.polygon] if target.polygon is not None else None,
         "mask": masks.mask_to_coco_rle(target.mask) if target.mask is not None else None,
+        "clicks": [[c.x, c.y, c.positive] for c in target.clicks],
         "state": state
         if isinstance(state, str) and len(state) <= 4 * TRACK_HANDLE_MAX_CHARS
         else None,
@@ -49,7 +57,14 @@ def target_from_dict(data: Any) -> TrackTarget:
     if not isinstance(data, dict):
         raise PromptError("each tracked object must be {box, polygon, mask, state}")
     box_values, polygon, rle = data.get("box"), data.get("polygon"), data.get("mask")
-    state = data.get("state")
+    state, clicks = data.get("state"), data.get("clicks") or []
+    if not isinstance(clicks, list):
+        raise PromptError("a tracked object's clicks must be a list of [x, y, positive]")
+    if len(clicks) > int(MAX_CLICKS):
+        raise TooManyClicks(
+            f"a tracked object has {len(clicks)} clicks; at most {int(MAX_CLICKS)} "
+            "(TAPMASK_MAX_CLICKS)"
+        )
     if box_values is not None and (not isinstance(box_values, list) or len(box_values) != 4):
         raise PromptError("a tracked object's box must be [x1, y1, x2, y2] or null")
     if polygon is not None:
@@ -67,11 +82,18 @@ def target_from_dict(data: Any) -> TrackTarget:
             polygon=tuple(polygon) if polygon is not None else None,
             mask=check_rle_mask(rle) if rle is not None else None,
             state=state if isinstance(state, str) else None,
+            clicks=tuple(_click(c) for c in clicks),
         )
     except (TypeError, ValueError) as exc:
         if isinstance(exc, PromptError):
             raise
         raise PromptError(f"malformed tracked object: {str(exc)[:200]}") from exc
+
+
+def _click(value: Any) -> Click:
+    if not isinstance(value, list) or len(value) != 3:
+        raise PromptError("a click must be [x, y, positive]")
+    return Click(value[0], value[1], bool(value[2]))
 
 
 @dataclass(frozen=True, eq=False)

@@ -270,7 +270,8 @@ def download(
     ``snapshot_download`` replaces ``huggingface_hub.snapshot_download`` (tests).
     """
     info = model_info(name)
-    target = Path(dest).expanduser() if dest is not None else models_dir() / name
+    default = models_dir() / name.removesuffix("-video")  # a tracker shares its model's files
+    target = Path(dest).expanduser() if dest is not None else default
     if snapshot_download is None:
         try:
             from huggingface_hub import snapshot_download

@@ -5,8 +5,8 @@ Tools send one frame at a time, so the tracker never holds a video: each request
 streaming inference session, puts the object's memory back into it, runs the model on the new
 frame and takes the memory out again as the object's state (``VideoState``):
 
-* the conditioning frame (where the tool's shape initialised the object: box → SAM prompt, mask
-  or polygon → mask input) with its memory features and object pointer;
+* the conditioning frame (where the tool's shape initialised the object: box and clicks → SAM
+  prompt points, mask or polygon → mask input) with its memory features and object pointer;
 * the recent frames the official predictor reads: the memory features of the last
   ``num_maskmem - 1`` frames (6) and the object pointers of the last
   ``max_object_pointers_in_encoder - 1`` frames (15); older frames are dropped. The session would
@@ -177,13 +177,24 @@ class VideoTracker:
         height, width = image.shape[:2]
         session = self._session(height, width)
         obj_idx = session.obj_id_to_idx(0)
-        if target.box is not None:
-            b = target.box
+        if target.box is not None or target.clicks:
             sx, sy = self.target_size / width, self.target_size / height
-            coords = torch.tensor([[[[b.x1 * sx, b.y1 * sy], [b.x2 * sx, b.y2 * sy]]]])
-            labels = torch.tensor([[[2, 3]]], dtype=torch.int32)
+            points, labels = [], []
+            if target.box is not None:  # a box is two points labelled 2 and 3, first
+                b = target.box
+                points += [[b.x1 * sx, b.y1 * sy], [b.x2 * sx, b.y2 * sy]]
+                labels += [2, 3]
+            for click in target.clicks:
+                points.append([click.x * sx, click.y * sy])
+                labels.append(1 if click.positive else 0)
+            coords = torch.tensor([[points]], dtype=torch.float32)
             session.add_point_inputs(
-                obj_idx, 0, {"point_coords": coords.float(), "point_labels": labels}
+                obj_idx,
+                0,
+                {
+                    "point_coords": coords,
+                    "point_labels": torch.tensor([[labels]], dtype=torch.int32),
+                },
             )
         else:
             mask = torch.from_numpy(target.shape_mask(width, height).astype(np.float32))
