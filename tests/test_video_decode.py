@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from backends.errors import VideoError, VideoTooLarge
+from backends.errors import Unavailable, VideoError, VideoTooLarge
 from backends.video.decode import VideoFrames
 
 FRAMES = 60
@@ -118,3 +118,18 @@ def test_the_same_video_opened_at_once_by_several_requests_is_read_whole(clip):
         assert [p.name for p in Path(frames._dir).iterdir()] == [videos[0].sha256]
     finally:
         frames.close()
+
+
+def test_no_writable_temporary_folder_refuses_videos_but_not_the_server(
+    clip, monkeypatch, tmp_path
+):
+    """A read-only filesystem (Kubernetes' readOnlyRootFilesystem, our image run read-only) must
+    not stop a server that never sees a video; a video then gets a clear 503."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "missing"))
+    frames = VideoFrames()  # nothing is created at start-up
+    with pytest.raises(Unavailable) as info:
+        frames.open(clip)
+    assert info.value.status == 503 and "TMPDIR" in str(info.value)
+    frames.close()

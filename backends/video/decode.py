@@ -33,7 +33,7 @@ import cv2
 import numpy as np
 
 from backends.cache import LRUCache
-from backends.errors import VideoError, VideoTooLarge
+from backends.errors import Unavailable, VideoError, VideoTooLarge
 from backends.settings import MAX_VIDEO_PIXELS
 
 log = logging.getLogger(__name__)
@@ -73,13 +73,27 @@ class VideoFrames:
 
     def __init__(self, cache_bytes: int = 512 * 2**20, max_files: int = 4) -> None:
         self.cache: LRUCache[bytes] = LRUCache(cache_bytes, "video-frames")
-        self._dir = tempfile.mkdtemp(prefix="tapmask-video-")
+        self._dir: str | None = None  # made at the first video: a server that never sees one
+        # must start on a read-only filesystem too (Kubernetes' readOnlyRootFilesystem)
         self._files: OrderedDict[str, tuple[str, Video]] = OrderedDict()
         self._max_files = max_files
         self._lock = threading.Lock()
 
     def close(self) -> None:
-        shutil.rmtree(self._dir, ignore_errors=True)
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+
+    def _directory(self) -> str:
+        with self._lock:
+            if self._dir is None:
+                try:
+                    self._dir = tempfile.mkdtemp(prefix="tapmask-video-")
+                except OSError as exc:
+                    raise Unavailable(
+                        "no writable temporary directory for decoding videos "
+                        f"(set TMPDIR to a writable folder): {exc}"
+                    ) from None
+            return self._dir
 
     # -- opening ---------------------------------------------------------------------------
     def open(self, data: bytes) -> Video:
@@ -90,10 +104,11 @@ class VideoFrames:
             if known is not None:
                 self._files.move_to_end(key)
                 return known[1]
-        path = os.path.join(self._dir, key)
+        directory = self._directory()
+        path = os.path.join(directory, key)
         # Written under a private name, then renamed: a request and a task-open prefetch may
         # open the same video at once, and neither may read the other's half-written file.
-        handle, partial = tempfile.mkstemp(dir=self._dir, suffix=".part")
+        handle, partial = tempfile.mkstemp(dir=directory, suffix=".part")
         with os.fdopen(handle, "wb") as out:
             out.write(data)
         try:
