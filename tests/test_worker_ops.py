@@ -468,7 +468,7 @@ def test_batch_only_workers_never_take_a_click(spawn, make_dispatcher, rconn, se
     with pytest.raises(Unavailable) as info:
         patient.segment(model, _png(62), Prompt((Click(1, 1),)))
     assert time.monotonic() - started < 10
-    assert "no live worker takes clicks" in str(info.value)
+    assert "batch-only workers take no clicks" in str(info.value)
     samples = _samples(_scrape(port))
     assert _total(samples, "tapmask_worker_jobs_total", queue="interactive") == 0
     assert (

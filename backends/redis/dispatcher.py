@@ -30,14 +30,12 @@ from typing import Any
 import numpy as np
 import redis
 from rq import Queue
-from rq.job import Job, JobStatus
-from rq.results import Result
+from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from backends import images
 from backends.errors import (
     ModelNotFound,
-    TapmaskError,
     Timeout,
     Unavailable,
     WorkerReplyError,
@@ -51,7 +49,7 @@ from backends.redis.connection import (
     redis_url,
 )
 from backends.redis.preannotation import DetectJob, parse_detections_reply
-from backends.redis.presence import is_alive, live_workers
+from backends.redis.presence import live_workers
 from backends.redis.protocol import (
     DETECT_JOB,
     EXPORT_JOB,
@@ -68,24 +66,13 @@ from backends.redis.protocol import (
     parse_export_reply,
     parse_segmentation_reply,
 )
+from backends.redis.replies import Dropped, Expired, WorkerLost, has_live_worker, wait_for_reply
 from backends.redis.tracking import TrackJob, parse_track_reply
 
 log = logging.getLogger(__name__)
 
 #: A prefetch of the same (model, image) within this many seconds is not enqueued again.
 PREFETCH_MEMORY_S = 60.0
-
-
-class _Expired(Exception):
-    pass
-
-
-class _WorkerLost(Exception):
-    pass
-
-
-class _Dropped(Exception):
-    pass
 
 
 class RedisDispatcher:
@@ -371,11 +358,16 @@ class RedisDispatcher:
         else:
             deadline = started + queue_ttl + job_timeout + self.grace
         resent = retried = False
+        queue = self.keys.queue(model, kind)
+
+        def has_taker() -> bool:
+            return has_live_worker(self.redis, self.keys, queue)
+
         with redis_errors_as_unavailable(self._where):
             sha = self._store_image(image)
             while True:
                 job = self._enqueue(
-                    self.keys.queue(model, kind),
+                    queue,
                     func,
                     request_for(sha),
                     ttl=queue_ttl,
@@ -383,9 +375,17 @@ class RedisDispatcher:
                     timeout=job_timeout,
                 )
                 try:
-                    payload = self._wait(job, model, deadline)
-                except _WorkerLost:
-                    if self.retry_lost_jobs and not retried and self._has_live_worker(model):
+                    payload = wait_for_reply(
+                        self.redis,
+                        self.keys,
+                        job,
+                        deadline,
+                        poll_seconds=self.poll_seconds,
+                        has_taker=has_taker,
+                    )
+                except WorkerLost:
+                    self._discard(job)
+                    if self.retry_lost_jobs and not retried and has_taker():
                         log.warning("a %s worker died during job %s; retrying once", model, job.id)
                         retried = True
                         continue
@@ -393,9 +393,10 @@ class RedisDispatcher:
                         f"the {model} worker running this request stopped responding "
                         "(killed or crashed)"
                     ) from None
-                except _Dropped:
-                    raise Unavailable(self._no_taker_message(model, queue_ttl)) from None
-                except _Expired:
+                except Dropped:
+                    self._discard(job)
+                    raise Unavailable(self._no_taker_message(model, kind, queue_ttl)) from None
+                except Expired:
                     self._discard(job)
                     raise Timeout(
                         f"no answer from a {model} worker within {time.monotonic() - started:.0f} s"
@@ -410,61 +411,19 @@ class RedisDispatcher:
                     continue
                 raise error_from_reply(payload)
 
-    def _wait(self, job: Job, model: str, deadline: float) -> dict[str, Any]:
-        polls = 0
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise _Expired
-            block = max(1, min(self.poll_seconds, math.ceil(remaining)))
-            result = job.latest_result(timeout=block)
-            if result is not None:
-                return self._outcome(result)
-            polls += 1
-            status, worker = self.redis.hmget(job.key, "status", "worker_name")
-            if status is None:
-                result = job.latest_result()  # finished between the two reads?
-                if result is not None:
-                    return self._outcome(result)
-                raise _Dropped  # its rq ttl expired before any worker took it
-            status = status.decode()
-            if status == JobStatus.QUEUED and polls == 1 and not self._has_live_worker(model):
-                self._discard(job)
-                raise _Dropped
-            alive = worker is not None and is_alive(self.redis, self.keys, worker.decode())
-            if status == JobStatus.STARTED and not alive:
-                self._discard(job)
-                raise _WorkerLost
-
-    def _outcome(self, result: Result) -> dict[str, Any]:
-        if result.type == Result.Type.SUCCESSFUL:
-            payload = result.return_value
-            if not isinstance(payload, dict):
-                raise WorkerReplyError(f"malformed reply from the worker: {payload!r:.200}")
-            return payload
-        if result.type == Result.Type.STOPPED:
-            raise Unavailable("the job was stopped on its worker")
-        lines = [line for line in (result.exc_string or "").strip().splitlines() if line.strip()]
-        reason = lines[-1] if lines else result.type.name.lower()
-        raise TapmaskError(f"the worker could not run the job: {reason}")
-
     def _discard(self, job: Job) -> None:
         with suppress(redis.RedisError):
             self.redis.delete(job.key)  # a worker that pops it later skips it
 
-    def _has_live_worker(self, model: str) -> bool:
-        """A live worker listens to ``model``'s interactive queue (a batch-only one does not)."""
-        queue = self.keys.interactive(model)
-        return any(queue in w.get("queues", ()) for w in live_workers(self.redis, self.keys))
-
-    def _no_taker_message(self, model: str, queue_ttl: int) -> str:
+    def _no_taker_message(self, model: str, kind: str, queue_ttl: int) -> str:
         try:
-            alive = self._has_live_worker(model)
+            alive = has_live_worker(self.redis, self.keys, self.keys.queue(model, kind))
         except redis.RedisError:
             alive = False
         if not alive:
             return (
-                f"no live worker takes clicks for model {model!r} (batch-only workers do not); "
-                "start one with `tapmask worker`"
+                f"no live worker takes {kind} jobs for model {model!r}"
+                + (" (batch-only workers take no clicks)" if kind == "interactive" else "")
+                + "; start one with `tapmask worker`"
             )
         return f"every {model} worker stayed busy for {queue_ttl} s; the request was dropped"
