@@ -7,8 +7,9 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from backends.errors import TapmaskError
 from backends.redis.pool import add_pool_arguments, add_worker_arguments
@@ -107,9 +108,7 @@ def _cmd_prefetch(args: argparse.Namespace) -> int:
 
 
 def _cmd_annotate(args: argparse.Namespace) -> int:
-    from backends.dispatch import dispatcher_from_env
     from backends.labelstudio.annotate import annotate_project
-    from backends.labelstudio.api import LabelStudioApi
     from backends.labelstudio.preannotation import FORMATS, Preannotation
     from backends.models.detection import Thresholds
     from backends.preannotate import parse_prompt_overrides, thresholds_from_env
@@ -117,7 +116,6 @@ def _cmd_annotate(args: argparse.Namespace) -> int:
     from backends.redis.startup import load_plugins
 
     load_plugins(args.plugin or [])
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per API call otherwise
     defaults = thresholds_from_env()
     plan = Preannotation(
         mode=args.mode,
@@ -132,49 +130,62 @@ def _cmd_annotate(args: argparse.Namespace) -> int:
     )
     models = [plan.model] + ([plan.detector] if plan.detector else [])
     checkpoints = {plan.model: args.checkpoint, str(plan.detector): args.detector_checkpoint}
+    return _run_on_project(
+        args,
+        models,
+        checkpoints,
+        lambda api, dispatcher: annotate_project(
+            api,
+            dispatcher,
+            plan,
+            args.project,
+            task_ids=args.tasks,
+            force=args.force,
+            concurrency=args.concurrency,
+        ),
+    )
+
+
+def _cmd_track(args: argparse.Namespace) -> int:
+    from backends.labelstudio.track import track_project
+
+    return _run_on_project(
+        args,
+        [args.tracker],
+        {args.tracker: args.checkpoint},
+        lambda api, dispatcher: track_project(
+            api,
+            dispatcher,
+            args.project,
+            tracker=args.tracker,
+            seconds=args.seconds,
+            task_ids=args.tasks,
+            force=args.force,
+            concurrency=args.concurrency,
+        ),
+    )
+
+
+def _run_on_project(
+    args: argparse.Namespace,
+    models: list[str],
+    checkpoints: dict[str, str | None],
+    run: Callable[[Any, Any], Any],
+) -> int:
+    """A whole-project command: a dispatcher for ``models``, the Label Studio API, the summary."""
+    from backends.dispatch import dispatcher_from_env
+    from backends.labelstudio.api import LabelStudioApi
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per API call otherwise
     options = {"device": args.device} if args.device else {}
     dispatcher = dispatcher_from_env(models, checkpoints, **options)
     try:
         with LabelStudioApi(args.label_studio, args.token) as api:
-            summary = annotate_project(
-                api,
-                dispatcher,
-                plan,
-                args.project,
-                task_ids=args.tasks,
-                force=args.force,
-                concurrency=args.concurrency,
-            )
+            summary = run(api, dispatcher)
     finally:
         dispatcher.close()
     print(summary.report())
-    return summary.exit_code
-
-
-def _cmd_track(args: argparse.Namespace) -> int:
-    from backends.dispatch import dispatcher_from_env
-    from backends.labelstudio.api import LabelStudioApi
-    from backends.labelstudio.track import track_project
-
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per API call otherwise
-    options = {"device": args.device} if args.device else {}
-    dispatcher = dispatcher_from_env([args.tracker], {args.tracker: args.checkpoint}, **options)
-    try:
-        with LabelStudioApi(args.label_studio, args.token) as api:
-            summary = track_project(
-                api,
-                dispatcher,
-                args.project,
-                tracker=args.tracker,
-                seconds=args.seconds,
-                task_ids=args.tasks,
-                force=args.force,
-                concurrency=args.concurrency,
-            )
-    finally:
-        dispatcher.close()
-    print(summary.report())
-    return summary.exit_code
+    return int(summary.exit_code)
 
 
 def _task_ids(text: str) -> list[int]:

@@ -13,11 +13,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from backends.dispatch import Dispatcher
-from backends.errors import InvalidRequest
 from backends.labelstudio.api import LabelStudioApi
 from backends.labelstudio.labelconfig import LabelConfig
 from backends.labelstudio.preannotation import Preannotation, check_config, task_prediction
-from backends.labelstudio.project_runner import Outcome, Summary, run_tasks
+from backends.labelstudio.project_runner import Outcome, Summary, run_tasks, task_to_do
 
 
 def annotate_project(
@@ -36,16 +35,11 @@ def annotate_project(
     version = plan.model_version(config)
 
     def work(listed: dict[str, Any]) -> Outcome:
-        task = api.task(int(listed["id"]))
-        if int(task.get("project") or project) != project:
-            raise InvalidRequest(f"task {task['id']} belongs to project {task.get('project')}")
-        mine = [p for p in task.get("predictions") or [] if p.get("model_version") == version]
-        if mine and not force:
+        todo = task_to_do(api, listed, project, version, force=force)
+        if todo is None:
             return Outcome.SKIPPED
-        prediction = task_prediction(dispatcher, plan, config, task, api.image)
-        api.post_prediction(task["id"], prediction["result"], prediction["score"], version)
-        for old in mine:
-            api.delete_prediction(int(old["id"]))
+        prediction = task_prediction(dispatcher, plan, config, todo.task, api.image)
+        todo.post(api, prediction["result"], prediction["score"], version)
         return Outcome.DONE
 
     total = len(task_ids) if task_ids is not None else api.count_tasks(project)

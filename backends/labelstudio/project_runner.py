@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 from tqdm import tqdm
 
-from backends.errors import TapmaskError
+from backends.errors import InvalidRequest, TapmaskError
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,35 @@ T = TypeVar("T")
 class Outcome(enum.Enum):
     DONE = "done"
     SKIPPED = "skipped"
+
+
+@dataclass
+class TaskToDo:
+    """A project's task fetched whole, and its predictions of this run's ``model_version``
+    (replaced once the new one is posted)."""
+
+    task: dict[str, Any]
+    replaces: list[dict[str, Any]]
+
+    def post(self, api: Any, result: list[dict[str, Any]], score: float, version: str) -> None:
+        """Post the new prediction, then delete the ones it replaces (never none in between)."""
+        api.post_prediction(self.task["id"], result, score, version)
+        for old in self.replaces:
+            api.delete_prediction(int(old["id"]))
+
+
+def task_to_do(
+    api: Any, listed: dict[str, Any], project: int, version: str, *, force: bool
+) -> TaskToDo | None:
+    """The listed task fetched whole, or None when it already holds a prediction of
+    ``version`` and ``force`` is off: what makes a whole-project run resumable."""
+    task = api.task(int(listed["id"]))
+    if int(task.get("project") or project) != project:
+        raise InvalidRequest(f"task {task['id']} belongs to project {task.get('project')}")
+    mine = [p for p in task.get("predictions") or [] if p.get("model_version") == version]
+    if mine and not force:
+        return None
+    return TaskToDo(task, mine)
 
 
 @dataclass

@@ -22,10 +22,10 @@ from typing import Any
 
 from backends import __version__
 from backends.dispatch import Dispatcher
-from backends.errors import InvalidRequest, LabelConfigError
+from backends.errors import LabelConfigError
 from backends.labelstudio.api import LabelStudioApi
 from backends.labelstudio.labelconfig import VIDEO_TYPES, LabelConfig
-from backends.labelstudio.project_runner import Outcome, Summary, run_tasks
+from backends.labelstudio.project_runner import Outcome, Summary, run_tasks, task_to_do
 from backends.labelstudio.video import VideoTracking
 from backends.labelstudio.videoregions import VideoRegion, parse_region
 
@@ -84,12 +84,10 @@ def track_project(
     )
 
     def work(listed: dict[str, Any]) -> Outcome:
-        task = api.task(int(listed["id"]))
-        if int(task.get("project") or project) != project:
-            raise InvalidRequest(f"task {task['id']} belongs to project {task.get('project')}")
-        mine = [p for p in task.get("predictions") or [] if p.get("model_version") == version]
-        if mine and not force:
+        todo = task_to_do(api, listed, project, version, force=force)
+        if todo is None:
             return Outcome.SKIPPED
+        task = todo.task
         found = task_regions(task, version)
         if not any(region.start() is not None for region, _ in found):
             log.info("task %s: no keyframed video region to track", task["id"])
@@ -99,9 +97,7 @@ def track_project(
         result = [t.result if t else raw for t, (_, raw) in zip(tracked, found, strict=True)]
         done = [t for t in tracked if t is not None]
         score = sum(t.result["score"] for t in done) / len(done)
-        api.post_prediction(task["id"], result, score, version)
-        for old in mine:
-            api.delete_prediction(int(old["id"]))
+        todo.post(api, result, score, version)
         log.info(
             "task %s: %d region(s) tracked over %d frame(s) (%d lost)",
             task["id"],

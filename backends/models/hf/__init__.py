@@ -17,6 +17,7 @@ parts when a model is actually loaded.
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -226,15 +227,20 @@ def build(
     a GPU machine) built a default EdgeTAM config by fetching ``timm/repvit_m1.dist_in1k`` while
     constructing the model; offline, such a fetch fails at once instead of retrying for 30 s.
     """
-    info = model_info(name)
+    build_family_model = _offline_builder(name, "backends.models.hf.families")
+    return build_family_model(model_info(name), checkpoint=checkpoint, device=device, **options)
+
+
+def _offline_builder(name: str, module: str) -> Callable[..., Any]:
+    """``module``'s ``build``, imported with the hub switched off for this process (see
+    ``build``); a missing transformers stack is a ``ModelLoadError`` naming the extra."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        from backends.models.hf.families import build as build_family_model
+        return importlib.import_module(module).build
     except ImportError as exc:
         raise ModelLoadError(
             f"model {name!r} needs {exc.name or exc} (pip install 'tapmask[hf]')"
         ) from exc
-    return build_family_model(info, checkpoint=checkpoint, device=device, **options)
 
 
 def build_detector(
@@ -245,15 +251,8 @@ def build_detector(
 ) -> Any:
     """Registry factory for every name in ``DETECTORS`` (a ``Detector``; options: see
     ``backends.models.hf.grounding_dino.build``). Never reaches the hub (see ``build``)."""
-    info = model_info(name)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        from backends.models.hf.grounding_dino import build as build_grounding_dino
-    except ImportError as exc:
-        raise ModelLoadError(
-            f"model {name!r} needs {exc.name or exc} (pip install 'tapmask[hf]')"
-        ) from exc
-    return build_grounding_dino(info, checkpoint=checkpoint, device=device, **options)
+    build_grounding_dino = _offline_builder(name, "backends.models.hf.grounding_dino")
+    return build_grounding_dino(model_info(name), checkpoint=checkpoint, device=device, **options)
 
 
 def download(
