@@ -101,6 +101,16 @@ class Box:
     def as_xyxy(self) -> tuple[float, float, float, float]:
         return (self.x1, self.y1, self.x2, self.y2)
 
+    def clipped(self, width: int, height: int) -> Box:
+        """The box clipped to a ``width`` × ``height`` image like a click (far outside:
+        ``PromptError``)."""
+        return Box(
+            _clip("box x1", self.x1, width),
+            _clip("box y1", self.y1, height),
+            _clip("box x2", self.x2, width),
+            _clip("box y2", self.y2, height),
+        )
+
 
 @dataclass(frozen=True, eq=False)
 class Prompt:
@@ -138,12 +148,7 @@ class Prompt:
         )
         box = self.box
         if box is not None:
-            box = Box(
-                _clip("box x1", box.x1, width),
-                _clip("box y1", box.y1, height),
-                _clip("box x2", box.x2, width),
-                _clip("box y2", box.y2, height),
-            )
+            box = box.clipped(width, height)
         if self.previous_mask is not None and np.asarray(self.previous_mask).shape != (
             height,
             width,
@@ -309,12 +314,7 @@ class TrackTarget:
         outside: ``PromptError``), a mask of another size refused."""
         box, polygon = self.box, self.polygon
         if box is not None:
-            box = Box(
-                _clip("box x1", box.x1, width),
-                _clip("box y1", box.y1, height),
-                _clip("box x2", box.x2, width),
-                _clip("box y2", box.y2, height),
-            )
+            box = box.clipped(width, height)
         if polygon is not None:
             polygon = tuple(
                 (_clip("polygon x", x, width), _clip("polygon y", y, height)) for x, y in polygon

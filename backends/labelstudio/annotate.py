@@ -16,7 +16,13 @@ from backends.dispatch import Dispatcher
 from backends.labelstudio.api import LabelStudioApi
 from backends.labelstudio.labelconfig import LabelConfig
 from backends.labelstudio.preannotation import Preannotation, check_config, task_prediction
-from backends.labelstudio.project_runner import Outcome, Summary, run_tasks, task_to_do
+from backends.labelstudio.project_runner import (
+    Outcome,
+    Summary,
+    project_tasks,
+    run_tasks,
+    task_to_do,
+)
 
 
 def annotate_project(
@@ -42,8 +48,7 @@ def annotate_project(
         todo.post(api, prediction["result"], prediction["score"], version)
         return Outcome.DONE
 
-    total = len(task_ids) if task_ids is not None else api.count_tasks(project)
-    tasks = ({"id": int(i)} for i in task_ids) if task_ids is not None else api.tasks(project)
+    tasks, total = project_tasks(api, project, task_ids)
     return run_tasks(
         tasks,
         work,

@@ -19,7 +19,7 @@ from __future__ import annotations
 import enum
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -36,6 +36,16 @@ T = TypeVar("T")
 class Outcome(enum.Enum):
     DONE = "done"
     SKIPPED = "skipped"
+
+
+def project_tasks(
+    api: Any, project: int, task_ids: Sequence[int] | None
+) -> tuple[Iterable[dict[str, Any]], int]:
+    """The tasks to run over (``task_ids``, or the project's every task, listed lazily) and
+    how many there are (for the progress bar)."""
+    if task_ids is not None:
+        return ({"id": int(i)} for i in task_ids), len(task_ids)
+    return api.tasks(project), api.count_tasks(project)
 
 
 @dataclass

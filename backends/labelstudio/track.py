@@ -25,7 +25,13 @@ from backends.dispatch import Dispatcher
 from backends.errors import LabelConfigError
 from backends.labelstudio.api import LabelStudioApi
 from backends.labelstudio.labelconfig import VIDEO_TYPES, LabelConfig
-from backends.labelstudio.project_runner import Outcome, Summary, run_tasks, task_to_do
+from backends.labelstudio.project_runner import (
+    Outcome,
+    Summary,
+    project_tasks,
+    run_tasks,
+    task_to_do,
+)
 from backends.labelstudio.video import VideoTracking
 from backends.labelstudio.videoregions import VideoRegion, parse_region
 
@@ -107,8 +113,7 @@ def track_project(
         )
         return Outcome.DONE
 
-    total = len(task_ids) if task_ids is not None else api.count_tasks(project)
-    tasks = ({"id": int(i)} for i in task_ids) if task_ids is not None else api.tasks(project)
+    tasks, total = project_tasks(api, project, task_ids)
     try:
         return run_tasks(
             tasks,
