@@ -177,6 +177,16 @@ PREFETCH_QUEUE = _limit(
     "not prefetched (logged)",
 )
 
+MAX_REFINE_REGIONS = _limit(
+    "TAPMASK_MAX_REFINE_REGIONS",
+    32,
+    "regions",
+    "brush regions of the clicked label in a task's drafts, annotations and predictions that a "
+    "click may refine (each is decoded to find the nearest)",
+    "Label Studio",
+    "the rest are not considered (logged)",
+)
+
 
 def check_limits() -> None:
     """Read every limit once: a front end or worker calls this at start-up, so an unusable
