@@ -78,10 +78,22 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     from backends.dispatch import dispatcher_from_env
     from backends.labelstudio.app import Settings, create_app
+    from backends.preannotate.settings import detector_name
+    from backends.redis.startup import load_plugins
 
-    options = {k: v for k, v in (("checkpoint", args.checkpoint), ("device", args.device)) if v}
-    dispatcher = dispatcher_from_env([args.model], **options)  # models load before serving
-    app = create_app(dispatcher, Settings(model=args.model))
+    load_plugins(args.plugin or [])
+    # "Retrieve predictions" in text mode needs the detector served too (README).
+    detector = args.detector or (
+        detector_name() if os.environ.get("TAPMASK_RETRIEVE") == "text" else None
+    )
+    models = [args.model] + ([detector] if detector else [])
+    checkpoints = {args.model: args.checkpoint, str(detector): args.detector_checkpoint}
+    options = {"device": args.device} if args.device else {}
+    dispatcher = dispatcher_from_env(models, checkpoints, **options)  # loaded before serving
+    settings = Settings(model=args.model)
+    if detector:
+        settings.detector = detector
+    app = create_app(dispatcher, settings)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     dispatcher.close()
     return 0
@@ -101,6 +113,58 @@ def _parse_refine_mode(text: str) -> str:
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return text
+
+
+def _cmd_annotate(args: argparse.Namespace) -> int:
+    from backends.dispatch import dispatcher_from_env
+    from backends.labelstudio.annotate import annotate_project
+    from backends.labelstudio.api import LabelStudioApi
+    from backends.labelstudio.preannotation import FORMATS, Preannotation
+    from backends.models.detection import Thresholds
+    from backends.preannotate import parse_prompt_overrides, thresholds_from_env
+    from backends.preannotate.settings import detector_name
+    from backends.redis.startup import load_plugins
+
+    load_plugins(args.plugin or [])
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per API call otherwise
+    defaults = thresholds_from_env()
+    plan = Preannotation(
+        mode=args.mode,
+        model=args.model,
+        detector=(args.detector or detector_name()) if args.mode == "text" else None,
+        prompts=parse_prompt_overrides(args.prompt or []),
+        thresholds=Thresholds(
+            defaults.box if args.box_threshold is None else args.box_threshold,
+            defaults.text if args.text_threshold is None else args.text_threshold,
+        ),
+        formats=FORMATS[args.format],
+    )
+    models = [plan.model] + ([plan.detector] if plan.detector else [])
+    checkpoints = {plan.model: args.checkpoint, str(plan.detector): args.detector_checkpoint}
+    options = {"device": args.device} if args.device else {}
+    dispatcher = dispatcher_from_env(models, checkpoints, **options)
+    try:
+        with LabelStudioApi(args.label_studio, args.token) as api:
+            summary = annotate_project(
+                api,
+                dispatcher,
+                plan,
+                args.project,
+                task_ids=args.tasks,
+                force=args.force,
+                concurrency=args.concurrency,
+            )
+    finally:
+        dispatcher.close()
+    print(summary.report())
+    return summary.exit_code
+
+
+def _task_ids(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--tasks {text!r}: expected ids like 1,2,3") from exc
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -132,7 +196,7 @@ def _cmd_weights(args: argparse.Namespace) -> int:
         print("tapmask weights: name a model (tapmask models) or use --convert", file=sys.stderr)
         return 2
     for name in args.names:
-        if name in hf.MODELS:
+        if name in hf.MODELS or name in hf.DETECTORS:
             print(hf.download(name, Path(args.dest) / name if args.dest else None))
         else:
             print(weights.download(name, Path(args.dest) if args.dest else None))
@@ -238,6 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", default=model_name())
     serve.add_argument("--checkpoint", help="model checkpoint (default: the model's env/dir)")
     serve.add_argument("--device", help="cpu, cuda, cuda:1 … (default: CUDA when present)")
+    serve.add_argument("--detector", help="also serve this detector (Retrieve predictions, text)")
+    serve.add_argument("--detector-checkpoint", help="the detector's model directory")
+    serve.add_argument("--plugin", action="append", help="module registering extra models")
     serve.set_defaults(func=_cmd_serve)
 
     prefetch = sub.add_parser(
@@ -248,6 +315,32 @@ def build_parser() -> argparse.ArgumentParser:
     prefetch.add_argument("--label-studio", default=os.environ.get("LABEL_STUDIO_URL"))
     prefetch.add_argument("--batch", type=int, default=20, help="tasks per /predict call")
     prefetch.set_defaults(func=_cmd_prefetch)
+
+    annotate = sub.add_parser(
+        "annotate", help="pre-annotate a whole Label Studio project (predictions with masks)"
+    )
+    annotate.add_argument("--project", type=int, required=True)
+    annotate.add_argument("--mode", choices=["text", "boxes"], required=True)
+    annotate.add_argument("--tasks", type=_task_ids, help="only these task ids: 1,2,3")
+    annotate.add_argument("--model", default=model_name(), help="the segmenter")
+    annotate.add_argument(
+        "--detector", help="text mode's detector (default: TAPMASK_DETECTOR, grounding-dino-tiny)"
+    )
+    annotate.add_argument(
+        "--prompt", action="append", metavar="LABEL=TEXT", help="a label's prompt: Car=car . truck"
+    )
+    annotate.add_argument("--box-threshold", type=float)
+    annotate.add_argument("--text-threshold", type=float)
+    annotate.add_argument("--format", choices=["brush", "polygon", "both"], default="brush")
+    annotate.add_argument("--force", action="store_true", help="redo tasks already annotated")
+    annotate.add_argument("--concurrency", type=int, default=4, help="tasks in flight")
+    annotate.add_argument("--label-studio", default=os.environ.get("LABEL_STUDIO_URL"))
+    annotate.add_argument("--token", help="default: LABEL_STUDIO_API_KEY (never logged)")
+    annotate.add_argument("--checkpoint", help="the segmenter's checkpoint")
+    annotate.add_argument("--detector-checkpoint", help="the detector's model directory")
+    annotate.add_argument("--device", help="cpu, cuda … (in-process models only)")
+    annotate.add_argument("--plugin", action="append", help="module registering extra models")
+    annotate.set_defaults(func=_cmd_annotate)
 
     worker = sub.add_parser("worker", help="a Redis/rq worker serving the shared queues")
     add_worker_arguments(worker)

@@ -20,6 +20,7 @@ from typing import Protocol
 import numpy as np
 
 from backends.engine import Engine
+from backends.models.detection import Detection, Thresholds
 from backends.prompts import Prompt, Segmentation
 
 log = logging.getLogger(__name__)
@@ -27,9 +28,29 @@ log = logging.getLogger(__name__)
 
 class Dispatcher(Protocol):
     def segment(
-        self, model: str, image: bytes, prompt: Prompt, *, timeout: float | None = None
+        self,
+        model: str,
+        image: bytes,
+        prompt: Prompt,
+        *,
+        timeout: float | None = None,
+        batch: bool = False,
     ) -> Segmentation:
-        """The mask for ``prompt`` on ``image`` (file bytes). Raises ``TapmaskError``s."""
+        """The mask for ``prompt`` on ``image`` (file bytes). Raises ``TapmaskError``s.
+        ``batch=True``: batch work (pre-annotation), which interactive clicks overtake."""
+        ...
+
+    def detect(
+        self,
+        detector: str,
+        image: bytes,
+        prompts: list[str],
+        thresholds: Thresholds | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> list[Detection]:
+        """Detector ``detector``'s boxes for the phrases ``prompts`` on ``image``, best first
+        (``Detection.prompt_index`` indexes ``prompts``). Batch work."""
         ...
 
     def prefetch(self, model: str, image: bytes) -> None:
@@ -64,9 +85,26 @@ class LocalDispatcher:
         self._max_pending = max_pending
 
     def segment(
-        self, model: str, image: bytes, prompt: Prompt, *, timeout: float | None = None
+        self,
+        model: str,
+        image: bytes,
+        prompt: Prompt,
+        *,
+        timeout: float | None = None,
+        batch: bool = False,
     ) -> Segmentation:
         return self.engine.segment(model, image, prompt)
+
+    def detect(
+        self,
+        detector: str,
+        image: bytes,
+        prompts: list[str],
+        thresholds: Thresholds | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> list[Detection]:
+        return self.engine.detect(detector, image, prompts, thresholds)
 
     def prefetch(self, model: str, image: bytes) -> None:
         self.engine.model(model)  # unknown model: fail in the caller, not silently later
@@ -114,7 +152,9 @@ class LocalDispatcher:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
-def dispatcher_from_env(models: list[str], **options: object) -> Dispatcher:
+def dispatcher_from_env(
+    models: list[str], checkpoints: dict[str, str | None] | None = None, **options: object
+) -> Dispatcher:
     """The dispatcher a front end should use, chosen by configuration only.
 
     With ``TAPMASK_REDIS_URL`` set: a ``RedisDispatcher`` for ``models`` (nothing is loaded
@@ -123,15 +163,18 @@ def dispatcher_from_env(models: list[str], **options: object) -> Dispatcher:
     Tuning: ``TAPMASK_QUEUE_TTL`` (s, default 5), ``TAPMASK_JOB_TIMEOUT`` (s, default 60),
     ``TAPMASK_IMAGE_TTL`` (s, default 3600), ``TAPMASK_REDIS_NAMESPACE`` (default tapmask).
 
-    Without it, the models are loaded here and run in-process; ``options`` go to the model
-    factories (checkpoint, device…).
+    Without it, the models (segmenters and detectors) are loaded here and run in-process;
+    ``options`` go to every model factory (device…), ``checkpoints`` name one model's
+    checkpoint each (a detector's differs from the segmenter's).
     """
     if os.environ.get("TAPMASK_REDIS_URL"):
         from backends.redis.dispatcher import RedisDispatcher
 
-        if options:
+        if options or checkpoints:
             log.info("Redis dispatcher: model options %s are the workers' business", options)
         return RedisDispatcher.from_env(models)
     engine = Engine()
-    engine.load(models, **options)
+    for name in models:
+        checkpoint = (checkpoints or {}).get(name)
+        engine.load([name], **options, **({"checkpoint": checkpoint} if checkpoint else {}))
     return LocalDispatcher(engine)

@@ -19,6 +19,10 @@ into; it depends on the whole history, so in this mode every model replays a mis
 
 One lock per model: a model never runs two requests at once on its device, while different models
 (and cache hits) proceed in parallel.
+
+Detectors (``backends.models.detection``: text → boxes, for pre-annotation) are models of the same
+Engine: ``load`` adds whatever the registry builds, ``detect(detector, image, prompts, …)`` runs
+one on the cached decoded image under its own lock. They have no embedding or state to cache.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from backends.models.base import (
     accepts_box,
     progressive_default,
 )
+from backends.models.detection import Detection, Detector, Thresholds, check_prompts
 from backends.progressive import MergeOptions, merge, settings_from_env
 from backends.progressive import enabled as progressive_enabled
 from backends.prompts import Prompt, Segmentation
@@ -97,13 +102,14 @@ class Engine:
         self,
         models: dict[str, Segmenter] | None = None,
         config: EngineConfig | None = None,
-        loader: Callable[..., Segmenter] = registry.create,
+        loader: Callable[..., Segmenter | Detector] = registry.create,
         shared_embeddings: SharedEmbeddings | None = None,
     ) -> None:
         self.config = config or EngineConfig()
         self.shared_embeddings = shared_embeddings
         self._loader = loader
         self._models: dict[str, Segmenter] = {}
+        self._detectors: dict[str, Detector] = {}
         self._locks: dict[str, threading.Lock] = {}
         self._registry_lock = threading.Lock()
         self.stats = EngineStats()
@@ -127,17 +133,41 @@ class Engine:
             self._models[name] = model
             self._locks.setdefault(name, threading.Lock())
 
+    def add_detector(self, name: str, detector: Detector) -> None:
+        with self._registry_lock:
+            self._detectors[name] = detector
+            self._locks.setdefault(name, threading.Lock())
+
     def load(self, names: Iterable[str], **options: Any) -> None:
-        """Build and add models by registry name (done at start-up, never per request)."""
+        """Build and add models (segmenters and detectors) by registry name (done at start-up,
+        never per request)."""
         for name in names:
-            if name not in self._models:
+            if name not in self._models and name not in self._detectors:
                 started = time.perf_counter()
-                self.add_model(name, self._loader(name, **options))
+                built = self._loader(name, **options)
+                if isinstance(built, Detector) and not isinstance(built, Segmenter):
+                    self.add_detector(name, built)
+                else:
+                    self.add_model(name, built)
                 log.info("loaded model %s in %.1f s", name, time.perf_counter() - started)
 
     @property
     def model_names(self) -> list[str]:
+        """The segmenters served here."""
         return sorted(self._models)
+
+    @property
+    def detector_names(self) -> list[str]:
+        return sorted(self._detectors)
+
+    def detector(self, name: str) -> Detector:
+        try:
+            return self._detectors[name]
+        except KeyError:
+            served = ", ".join(self.detector_names) or "none"
+            raise ModelNotFound(
+                f"detector {name!r} is not served here (detectors served: {served})"
+            ) from None
 
     def model(self, name: str) -> Segmenter:
         try:
@@ -202,6 +232,23 @@ class Engine:
         with self._locks[name]:
             embedding = self._embedding(name, model, key, array)
             return np.asarray(model.export_embedding(embedding))
+
+    # -- detection -------------------------------------------------------------------------
+    def detect(
+        self,
+        name: str,
+        image: ImageRef,
+        prompts: list[str],
+        thresholds: Thresholds | None = None,
+    ) -> list[Detection]:
+        """Detector ``name``'s boxes for ``prompts`` on ``image``, best first (the phrases are
+        checked against the text-prompt limits before the image is touched)."""
+        detector = self.detector(name)
+        phrases = check_prompts(prompts)
+        thresholds = thresholds or Thresholds()
+        _key, array = self.image(image)
+        with self._locks[name]:
+            return detector.detect(array, phrases, thresholds.box, thresholds.text)
 
     # -- segmentation ----------------------------------------------------------------------
     def segment(self, name: str, image: ImageRef, prompt: Prompt) -> Segmentation:

@@ -78,6 +78,18 @@ class TooManyClicks(RequestTooLarge, status=413, code="too_many_clicks"):
     """More clicks on one object than ``TAPMASK_MAX_CLICKS``."""
 
 
+class TooManyInstances(RequestTooLarge, status=413, code="too_many_instances"):
+    """More rectangles in one task than ``TAPMASK_MAX_INSTANCES`` masks per image."""
+
+
+class TooManyTextPrompts(RequestTooLarge, status=413, code="too_many_text_prompts"):
+    """More detector phrases for one image than ``TAPMASK_MAX_TEXT_PROMPTS``."""
+
+
+class TextPromptTooLong(RequestTooLarge, status=413, code="text_prompt_too_long"):
+    """A detector text over ``TAPMASK_MAX_TEXT_PROMPT_CHARS`` (or the model's token limit)."""
+
+
 class DeclaredSizeTooLarge(RequestTooLarge, status=413, code="declared_size_too_large"):
     """A declared image size (Label Studio's ``original_width`` × ``original_height``) over
     ``TAPMASK_MAX_PIXELS``: refused before any image is fetched or any mask is drawn."""
@@ -130,6 +142,14 @@ class ImageUrlTooLong(BadImageUrl, status=414, code="image_url_too_long"):
 
 class ImageNotFound(ImageFetchError, status=404, code="image_not_found"):
     """The image URL answered 404."""
+
+
+class LabelStudioApiError(TapmaskError, RuntimeError, status=502, code="label_studio_api"):
+    """Label Studio's REST API refused or failed a call of a whole-project command."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.upstream_status = status
 
 
 class ImageAuthError(ImageFetchError, status=502, code="image_auth_failed"):

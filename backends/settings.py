@@ -188,6 +188,43 @@ MAX_REFINE_REGIONS = _limit(
 )
 
 
+MAX_INSTANCES = _limit(
+    "TAPMASK_MAX_INSTANCES",
+    100,
+    "instances",
+    "masks made for one image by pre-annotation: detections kept (highest scores first), or "
+    "the rectangles of one task turned into masks",
+    "pre-annotation",
+    "detections: the highest-scoring kept (logged); rectangles: 413 `too_many_instances`",
+)
+MAX_TEXT_PROMPTS = _limit(
+    "TAPMASK_MAX_TEXT_PROMPTS",
+    32,
+    "prompts",
+    "text prompts (phrases, `car . truck` is two) sent to the detector for one image",
+    "pre-annotation",
+    "413 `too_many_text_prompts`",
+)
+MAX_TEXT_PROMPT_CHARS = _limit(
+    "TAPMASK_MAX_TEXT_PROMPT_CHARS",
+    1024,
+    "characters",
+    "the detector's whole text for one image (every phrase joined by ` . `); Grounding DINO "
+    "also refuses more than its 256 text tokens",
+    "pre-annotation",
+    "413 `text_prompt_too_long`",
+)
+RETRIEVE_BUDGET_S = _limit(
+    "TAPMASK_RETRIEVE_BUDGET_S",
+    80.0,
+    "seconds",
+    'one Label Studio "Retrieve predictions" call answered with masks (Label Studio waits '
+    "100 s); tasks not done by then get no prediction",
+    "Label Studio",
+    "unfinished tasks skipped (logged)",
+)
+
+
 def check_limits() -> None:
     """Read every limit once: a front end or worker calls this at start-up, so an unusable
     value (``TAPMASK_MAX_OBJECTS=lots``) stops it there instead of failing each request."""

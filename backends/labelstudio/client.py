@@ -136,35 +136,19 @@ def check_url(url: str) -> None:
         raise BadImageUrl(f"image URL {_redact(url)!r} has no host")
 
 
-class ImageClient:
-    """Task images by URL. ``timeout`` (between bytes), ``deadline`` (a whole download) and
-    ``max_bytes`` default to ``TAPMASK_DOWNLOAD_READ_TIMEOUT_S``, ``TAPMASK_DOWNLOAD_DEADLINE_S``
-    and ``TAPMASK_MAX_IMAGE_MB``, read when the client is made."""
+class TokenAuth:
+    """The ``Authorization`` header for a Label Studio: ``Token …`` for a legacy token; for a
+    Personal Access Token (a JWT refresh token) ``Bearer …`` with an access token from
+    ``/api/token/refresh/``, cached and refreshed shortly before it expires. Tokens never reach
+    a log or an error message. Shared by the image client and the REST client (``api.py``)."""
 
-    def __init__(
-        self,
-        *,
-        timeout: float | None = None,
-        deadline: float | None = None,
-        max_bytes: int | None = None,
-        cache_bytes: int = 512 * 1024 * 1024,
-        transport: httpx.BaseTransport | None = None,
-    ) -> None:
-        self.timeout = float(DOWNLOAD_READ_TIMEOUT_S) if timeout is None else float(timeout)
-        self.deadline = float(DOWNLOAD_DEADLINE_S) if deadline is None else float(deadline)
-        self.max_bytes = _max_image_bytes() if max_bytes is None else int(max_bytes)
-        self._http = httpx.Client(
-            timeout=self.timeout, follow_redirects=True, transport=transport, trust_env=False
-        )
-        self.cache: LRUCache[bytes] = LRUCache(cache_bytes, "image-bytes")
+    def __init__(self, http: httpx.Client, timeout: float) -> None:
+        self._http = http
+        self.timeout = timeout
         self._access: dict[tuple[str, str], tuple[str, float]] = {}  # (url, PAT) → access, exp
         self._lock = threading.Lock()
 
-    def close(self) -> None:
-        self._http.close()
-
-    # -- authentication ----------------------------------------------------------------------
-    def auth_header(self, creds: Credentials) -> dict[str, str]:
+    def header(self, creds: Credentials) -> dict[str, str]:
         if not creds.token:
             return {}
         if not is_jwt(creds.token):
@@ -198,6 +182,37 @@ class ImageClient:
         with self._lock:
             self._access[key] = (access, expiry)
         return access
+
+
+class ImageClient:
+    """Task images by URL. ``timeout`` (between bytes), ``deadline`` (a whole download) and
+    ``max_bytes`` default to ``TAPMASK_DOWNLOAD_READ_TIMEOUT_S``, ``TAPMASK_DOWNLOAD_DEADLINE_S``
+    and ``TAPMASK_MAX_IMAGE_MB``, read when the client is made."""
+
+    def __init__(
+        self,
+        *,
+        timeout: float | None = None,
+        deadline: float | None = None,
+        max_bytes: int | None = None,
+        cache_bytes: int = 512 * 1024 * 1024,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.timeout = float(DOWNLOAD_READ_TIMEOUT_S) if timeout is None else float(timeout)
+        self.deadline = float(DOWNLOAD_DEADLINE_S) if deadline is None else float(deadline)
+        self.max_bytes = _max_image_bytes() if max_bytes is None else int(max_bytes)
+        self._http = httpx.Client(
+            timeout=self.timeout, follow_redirects=True, transport=transport, trust_env=False
+        )
+        self.cache: LRUCache[bytes] = LRUCache(cache_bytes, "image-bytes")
+        self.auth = TokenAuth(self._http, self.timeout)
+
+    def close(self) -> None:
+        self._http.close()
+
+    # -- authentication ----------------------------------------------------------------------
+    def auth_header(self, creds: Credentials) -> dict[str, str]:
+        return self.auth.header(creds)
 
     # -- fetching -----------------------------------------------------------------------------
     def resolve(self, url: str, creds: Credentials) -> str:

@@ -106,13 +106,16 @@ def objects_from_context(context: dict[str, Any]) -> list[ObjectRequest]:
             ("keypoint", k["value"], k.get("is_positive") is not False)  # missing → positive
             for k in keypoints
         ]
-        objects.append(_object(first, prompt))
+        objects.append(object_request(first, prompt))
     for rect in rectangles:
-        objects.append(_object(rect, [("rectangle", rect["value"], True)]))
+        objects.append(object_request(rect, [("rectangle", rect["value"], True)]))
     return objects
 
 
-def _object(item: dict[str, Any], prompt: list[tuple[str, dict[str, Any], bool]]) -> ObjectRequest:
+def object_request(
+    item: dict[str, Any], prompt: list[tuple[str, dict[str, Any], bool]]
+) -> ObjectRequest:
+    """One region's object: its image, label and declared size (checked), with ``prompt``."""
     width = finite_number(item.get("original_width"), "original_width", InvalidRequest)
     height = finite_number(item.get("original_height"), "original_height", InvalidRequest)
     if width < 1 or height < 1:
@@ -208,18 +211,28 @@ def regions(
             "score": seg.score,
             "readonly": False,
         }
-        if control.type == "brushlabels":
-            value = {"format": "rle", "rle": masks.mask_to_ls_rle(mask), "brushlabels": [label]}
-        else:
-            points = masks.largest_polygon(mask, polygon_tolerance)
-            if len(points) < 3:
-                continue
-            centred = np.asarray(points, dtype=np.float64) + 0.5  # pixel centres → LS edges
-            value = {
-                "points": masks.polygon_to_percent(centred, width, height),
-                "closed": True,
-                "polygonlabels": [label],
-            }
-        assert control.type in OUTPUT_TYPES
-        out.append({**base, "value": value})
+        value = region_value(mask, control.type, label, polygon_tolerance)
+        if value is not None:
+            out.append({**base, "value": value})
     return out
+
+
+def region_value(
+    mask: np.ndarray, control_type: str, label: str, polygon_tolerance: float = 1.0
+) -> dict[str, Any] | None:
+    """A region's ``value`` for ``mask`` (H×W, drawn at the region's original size) in a
+    brush or polygon control: brush RLE, or the largest outline as percent points (None when
+    it has fewer than 3 points)."""
+    assert control_type in OUTPUT_TYPES
+    if control_type == "brushlabels":
+        return {"format": "rle", "rle": masks.mask_to_ls_rle(mask), "brushlabels": [label]}
+    height, width = mask.shape
+    points = masks.largest_polygon(mask, polygon_tolerance)
+    if len(points) < 3:
+        return None
+    centred = np.asarray(points, dtype=np.float64) + 0.5  # pixel centres → LS edges
+    return {
+        "points": masks.polygon_to_percent(centred, width, height),
+        "closed": True,
+        "polygonlabels": [label],
+    }

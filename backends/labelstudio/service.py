@@ -1,9 +1,10 @@
 """What the Label Studio backend does with a request, as a plain class (no HTTP here).
 
 ``LabelStudioService.predict(body)`` is ``POST /predict``: parse the payload → dispatch each
-object to the model → format brush/polygon regions. ``setup(body)`` remembers the host and token
-Label Studio pushes per project. ``app.py`` only routes HTTP to these methods, so tests can call
-them directly.
+object to the model → format brush/polygon regions. Without context ("Retrieve predictions", task
+open) it prefetches, or pre-annotates the tasks for projects that opt in (``retrieve.py``).
+``setup(body)`` remembers the host, token and extra params Label Studio pushes per project.
+``app.py`` only routes HTTP to these methods, so tests can call them directly.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from pydantic import ValidationError
@@ -24,6 +26,7 @@ from backends.errors import EmptyMask, InvalidRequest, TapmaskError
 from backends.labelstudio.client import Credentials, ImageClient, check_url
 from backends.labelstudio.frames import frame_for
 from backends.labelstudio.labelconfig import Control, LabelConfig
+from backends.labelstudio.preannotation import MODES
 from backends.labelstudio.predict import (
     ObjectRequest,
     PredictRequest,
@@ -33,6 +36,8 @@ from backends.labelstudio.predict import (
     to_prompt,
 )
 from backends.labelstudio.refine import ImageGeometry, region_to_refine
+from backends.labelstudio.retrieve import Retriever, check_extra_params, retrieve_plan
+from backends.preannotate.settings import detector_name
 from backends.prompts import Prompt
 from backends.settings import MAX_REQUEST_MB, PREFETCH_QUEUE, max_bytes, model_name
 
@@ -80,6 +85,12 @@ class Settings:
     # How far outside a region the first click may land and still refine it (fraction of the
     # image's longer side; the environment gives it in percent).
     refine_distance: float = field(default_factory=_refine_distance_from_env)
+    # "Retrieve predictions" with masks for every project ("text" / "boxes"; extra params opt
+    # one project in), the text mode's detector, the region format, tasks at a time.
+    retrieve: str | None = field(default_factory=lambda: _env("TAPMASK_RETRIEVE"))
+    detector: str = field(default_factory=detector_name)
+    retrieve_format: str = field(default_factory=lambda: _env("TAPMASK_RETRIEVE_FORMAT") or "brush")
+    retrieve_concurrency: int = 2
 
     @property
     def model_version(self) -> str:
@@ -92,13 +103,26 @@ class Projects:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._by_project: dict[str, Credentials] = {}
+        self._extra: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
 
-    def remember(self, project: str | None, hostname: str | None, token: str | None) -> None:
+    def remember(
+        self,
+        project: str | None,
+        hostname: str | None,
+        token: str | None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
         if project is None:
             return
         with self._lock:
             self._by_project[project] = Credentials(hostname or None, token or None)
+            self._extra[project] = dict(extra or {})
+
+    def extra_params(self, project: str | None) -> dict[str, Any]:
+        """The project's checked ML backend extra params (``retrieve``, ``prompts``, ``format``)."""
+        with self._lock:
+            return dict(self._extra.get(project or "", {}))
 
     def credentials(self, project: str | None) -> Credentials:
         env = Credentials(self._settings.label_studio_url, self._settings.api_key)
@@ -133,9 +157,13 @@ class LabelStudioService:
             self.settings.prefetch_threads, thread_name_prefix="ls-prefetch"
         )
         self._prefetches = threading.BoundedSemaphore(self.settings.prefetch_queue)
+        if self.settings.retrieve not in (None, *MODES):
+            raise InvalidRequest(f"TAPMASK_RETRIEVE must be one of {MODES}")
+        self.retriever = Retriever(dispatcher, self.settings.retrieve_concurrency)
 
     def close(self) -> None:
         self._prefetcher.shutdown(wait=False, cancel_futures=True)
+        self.retriever.close()
 
     def stats(self) -> dict[str, dict[str, float]]:
         """Cache counters for ``/metrics``: the dispatcher's and the image downloads'."""
@@ -161,7 +189,8 @@ class LabelStudioService:
         project = body.get("project")
         if project is not None and not isinstance(project, (str, int)):
             raise InvalidRequest("/setup: project must be a string")
-        self.projects.remember(project_id(project), hostname, token)
+        extra = check_extra_params(body.get("extra_params"))
+        self.projects.remember(project_id(project), hostname, token, extra)
         return {"model_version": self.settings.model_version}
 
     def predict(self, payload: Any) -> dict[str, Any]:
@@ -170,6 +199,17 @@ class LabelStudioService:
         creds = self.projects.credentials(request.project_id)
         context = request.context
         if not context or not context.get("result"):
+            settings = self.settings
+            plan = retrieve_plan(
+                settings.retrieve,
+                self.projects.extra_params(request.project_id),
+                settings.model,
+                settings.detector,
+                settings.retrieve_format,
+            )
+            if plan is not None:
+                fetch = partial(self.client.fetch, creds=creds)
+                return {"results": self.retriever.results(plan, config, request.tasks, fetch)}
             self._prefetch_tasks(request, config, creds)
             # Nothing to show yet: an empty list stores no junk prediction in Label Studio.
             return {"results": []}

@@ -1,4 +1,6 @@
-"""Model names users type (``grabcut``, ``sam-vit_h``, ``ritm-h18``…) → factories.
+"""Model names users type (``grabcut``, ``sam-vit_h``, ``ritm-h18``, ``grounding-dino-tiny``…) →
+factories. A spec's ``kind`` says what its factory builds: a ``Segmenter`` (clicks and boxes →
+mask) or a ``Detector`` (text → boxes, ``backends.models.detection``).
 
 Factories import their heavy dependencies (torch, segment-anything) only when called, so importing
 the registry, and everything that uses it, stays torch-free.
@@ -12,9 +14,11 @@ from dataclasses import dataclass
 
 from backends.errors import ModelLoadError, ModelNotFound
 from backends.models.base import Segmenter
+from backends.models.detection import Detector
 from backends.models.sizes import SAM_VIT_SIZES
 
-Factory = Callable[..., Segmenter]
+Factory = Callable[..., Segmenter | Detector]
+KINDS = ("segmenter", "detector")
 
 
 @dataclass(frozen=True)
@@ -24,6 +28,11 @@ class ModelSpec:
     description: str
     extra: str | None = None  # the pip extra that provides its dependencies
     kwargs: tuple[tuple[str, object], ...] = ()
+    kind: str = "segmenter"  # or "detector"
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"model kind must be one of {KINDS}, got {self.kind!r}")
 
 
 _SPECS: dict[str, ModelSpec] = {}
@@ -33,8 +42,9 @@ def register(spec: ModelSpec) -> None:
     _SPECS[spec.name] = spec
 
 
-def names() -> list[str]:
-    return sorted(_SPECS)
+def names(kind: str | None = None) -> list[str]:
+    """Every registered name, or those of one ``kind`` ("segmenter", "detector")."""
+    return sorted(name for name, spec in _SPECS.items() if kind is None or spec.kind == kind)
 
 
 def spec(name: str) -> ModelSpec:
@@ -44,7 +54,7 @@ def spec(name: str) -> ModelSpec:
         raise ModelNotFound(f"unknown model {name!r}; known models: {', '.join(names())}") from None
 
 
-def create(name: str, **options: object) -> Segmenter:
+def create(name: str, **options: object) -> Segmenter | Detector:
     """Build model ``name``; ``options`` override the spec's defaults (checkpoint, device…)."""
     model_spec = spec(name)
     module_name, _, func_name = model_spec.target.partition(":")
@@ -106,3 +116,13 @@ from backends.models import hf as _hf  # noqa: E402  (the name table only: no to
 
 for _info in _hf.MODELS.values():
     register(ModelSpec(_info.name, "backends.models.hf:build", _info.description, extra="hf"))
+for _info in _hf.DETECTORS.values():
+    register(
+        ModelSpec(
+            _info.name,
+            "backends.models.hf:build_detector",
+            _info.description,
+            extra="hf",
+            kind="detector",
+        )
+    )

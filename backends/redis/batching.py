@@ -42,7 +42,7 @@ LOOKAHEAD = 4
 def image_job(job: Job) -> tuple[str, str] | None:
     """``(model, image key)`` of a tapmask job that needs its image's embedding, else None."""
     try:
-        if job.func_name not in protocol.JOB_NAMES or not job.args:
+        if job.func_name not in protocol.ENCODING_JOB_NAMES or not job.args:
             return None
         request = job.args[0]
         if not isinstance(request, dict):

@@ -5,8 +5,9 @@
   stored (or refreshed) an image recently sends only its key, and an ``EXPIRE`` (no bytes) tells
   it whether another process already stored it. A worker that finds the key gone answers
   ``unknown_image`` and the dispatcher resends the bytes once.
-* Clicks and embedding exports go to the model's interactive queue, prefetches to its batch
-  queue (workers serve every interactive queue before any batch queue).
+* Clicks and embedding exports go to the model's interactive queue, prefetches, detections and
+  pre-annotation's segments (``batch=True``) to its batch queue (workers serve every
+  interactive queue before any batch queue).
 * The caller blocks on rq's result stream (``job.latest_result(timeout=…)``) in one-second
   slices, and between slices checks that the job was picked up (an interactive job nobody takes
   within ``queue_ttl`` seconds is dropped by its rq ``ttl``: 503) and that the worker running it
@@ -41,6 +42,7 @@ from backends.errors import (
     Unavailable,
     WorkerReplyError,
 )
+from backends.models.detection import Detection, Thresholds, check_prompts
 from backends.prompts import Prompt, Segmentation
 from backends.redis.connection import (
     connect,
@@ -48,8 +50,10 @@ from backends.redis.connection import (
     redis_location,
     redis_url,
 )
+from backends.redis.preannotation import DetectJob, parse_detections_reply
 from backends.redis.presence import is_alive, live_workers
 from backends.redis.protocol import (
+    DETECT_JOB,
     EXPORT_JOB,
     PREFETCH_JOB,
     SEGMENT_JOB,
@@ -146,7 +150,13 @@ class RedisDispatcher:
 
     # -- Dispatcher API ----------------------------------------------------------------------
     def segment(
-        self, model: str, image: bytes, prompt: Prompt, *, timeout: float | None = None
+        self,
+        model: str,
+        image: bytes,
+        prompt: Prompt,
+        *,
+        timeout: float | None = None,
+        batch: bool = False,
     ) -> Segmentation:
         self._check_model(model)
         payload = self._call(
@@ -155,8 +165,31 @@ class RedisDispatcher:
             image,
             lambda sha: SegmentJob(model, sha, prompt).to_payload(),
             timeout,
+            kind="batch" if batch else "interactive",
         )
         return parse_segmentation_reply(payload)
+
+    def detect(
+        self,
+        detector: str,
+        image: bytes,
+        prompts: list[str],
+        thresholds: Thresholds | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> list[Detection]:
+        """A ``DetectJob`` on the detector's batch queue (the phrases are checked here first)."""
+        self._check_model(detector)
+        phrases, cutoffs = tuple(check_prompts(prompts)), thresholds or Thresholds()
+        payload = self._call(
+            DETECT_JOB,
+            detector,
+            image,
+            lambda sha: DetectJob(detector, sha, phrases, cutoffs).to_payload(),
+            timeout,
+            kind="batch",
+        )
+        return parse_detections_reply(payload, len(phrases))
 
     def prefetch(self, model: str, image: bytes) -> None:
         self._check_model(model)
@@ -300,11 +333,14 @@ class RedisDispatcher:
         image: bytes,
         request_for: Any,
         timeout: float | None,
+        *,
+        kind: str = "interactive",
     ) -> dict[str, Any]:
-        """Store the image, enqueue ``request_for(image_sha)`` and wait for the reply."""
+        """Store the image, enqueue ``request_for(image_sha)`` on the model's ``kind`` queue and
+        wait for the reply (a batch job may wait ``batch_ttl`` for a worker, not ``queue_ttl``)."""
         started = time.monotonic()
         job_timeout = self.job_timeout
-        queue_ttl = self.queue_ttl
+        queue_ttl = self.queue_ttl if kind == "interactive" else self.batch_ttl
         if timeout is not None:
             job_timeout = max(1, min(job_timeout, math.ceil(timeout)))
             queue_ttl = max(1, min(queue_ttl, math.ceil(timeout)))
@@ -316,7 +352,7 @@ class RedisDispatcher:
             sha = self._store_image(image)
             while True:
                 job = self._enqueue(
-                    self.keys.interactive(model),
+                    self.keys.queue(model, kind),
                     func,
                     request_for(sha),
                     ttl=queue_ttl,

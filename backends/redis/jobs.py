@@ -27,6 +27,7 @@ from backends.engine import Engine
 from backends.errors import ImageError, TapmaskError, Timeout, Unavailable, UnknownImage
 from backends.images import sha256
 from backends.redis import protocol
+from backends.redis.preannotation import DetectJob, detections_reply
 from backends.redis.protocol import ExportJob, Keys, PrefetchJob, SegmentJob, error_reply
 from backends.settings import check_limits
 
@@ -95,6 +96,13 @@ def _export(rt: WorkerRuntime, payload: Any) -> dict[str, Any]:
     return protocol.export_reply(rt.name, key, job.dtype, tuple(array.shape))
 
 
+def _detect(rt: WorkerRuntime, payload: Any) -> dict[str, Any]:
+    job = DetectJob.from_payload(payload)
+    image = image_ref(rt, job.image)
+    found = rt.engine.detect(job.detector, image, list(job.prompts), job.thresholds)
+    return detections_reply(found, rt.name)
+
+
 def _run(handler: Callable[[WorkerRuntime, Any], dict[str, Any]], payload: Any) -> dict[str, Any]:
     rt = _runtime
     if rt is None:
@@ -133,11 +141,17 @@ def export_job(request: dict[str, Any]) -> dict[str, Any]:
     return _run(_export, request)
 
 
+def detect_job(request: dict[str, Any]) -> dict[str, Any]:
+    """Batch: a detector's boxes for text prompts (pre-annotation), as plain numbers."""
+    return _run(_detect, request)
+
+
 #: The job functions by the dotted names the dispatcher enqueues (``backends.redis.protocol``).
 JOB_FUNCTIONS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     protocol.SEGMENT_JOB: segment_job,
     protocol.PREFETCH_JOB: prefetch_job,
     protocol.EXPORT_JOB: export_job,
+    protocol.DETECT_JOB: detect_job,
 }
 assert set(JOB_FUNCTIONS) == protocol.JOB_NAMES
 

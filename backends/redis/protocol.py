@@ -6,12 +6,13 @@ A click travels as a small JSON job (rq ``JSONSerializer``; nothing is ever pick
 * the job goes to the model's ``<ns>:<model>:interactive`` queue (clicks, embedding exports) or
   its ``<ns>:<model>:batch`` queue (prefetches); rq keeps each queue as the Redis list
   ``rq:queue:<queue name>``;
-* it names one of the three job functions of ``backends.redis.jobs`` by dotted path (rq's JSON
+* it names one of the four job functions of ``backends.redis.jobs`` by dotted path (rq's JSON
   jobs name their function that way); workers refuse every other name;
 * its one argument is a request dict (``SegmentJob`` / ``PrefetchJob`` / ``ExportJob`` below,
-  with the protocol version ``v``); the worker answers ``{"ok": true, …}`` or an error reply
-  ``{"ok": false, "error": code, "status": http status, "detail": text}``, which
-  ``error_from_reply`` turns back into the same ``TapmaskError`` class.
+  ``DetectJob`` in ``backends.redis.preannotation``, with the protocol version ``v``); the
+  worker answers ``{"ok": true, …}`` or an error reply ``{"ok": false, "error": code,
+  "status": http status, "detail": text}``, which ``error_from_reply`` turns back into the
+  same ``TapmaskError`` class.
 
 Everything a job carries is checked here, on the worker side, before any work starts, within
 the same documented limits the front ends apply (``backends.settings``): clicks per job
@@ -49,7 +50,11 @@ JOBS_MODULE = "backends.redis.jobs"
 SEGMENT_JOB = f"{JOBS_MODULE}.segment_job"
 PREFETCH_JOB = f"{JOBS_MODULE}.prefetch_job"
 EXPORT_JOB = f"{JOBS_MODULE}.export_job"
-JOB_NAMES = frozenset({SEGMENT_JOB, PREFETCH_JOB, EXPORT_JOB})
+DETECT_JOB = f"{JOBS_MODULE}.detect_job"
+#: The jobs that need their image's embedding (what a worker's encode batcher looks at).
+ENCODING_JOB_NAMES = frozenset({SEGMENT_JOB, PREFETCH_JOB, EXPORT_JOB})
+#: Every job a worker runs: the encoding ones, and a detector's (``backends.redis.preannotation``).
+JOB_NAMES = ENCODING_JOB_NAMES | {DETECT_JOB}
 
 #: Element types an exported embedding may travel in.
 EXPORT_DTYPES = ("float16", "float32")
@@ -205,7 +210,7 @@ def check_export_dtype(dtype: Any) -> str:
 # Requests (dispatcher → worker)
 
 
-def _request_dict(data: Any) -> dict[str, Any]:
+def request_dict(data: Any) -> dict[str, Any]:
     if not isinstance(data, dict) or data.get("v") != PROTOCOL_VERSION:
         raise InvalidRequest(
             f"unsupported job payload (this worker speaks protocol v{PROTOCOL_VERSION})"
@@ -234,7 +239,7 @@ class SegmentJob:
 
     @classmethod
     def from_payload(cls, data: Any) -> SegmentJob:
-        data = _request_dict(data)
+        data = request_dict(data)
         model, image = check_model_name(data.get("model")), check_image_key(data.get("image"))
         parsed = Prompt.from_dict(_check_prompt(data.get("prompt")))
         if data.get("previous_mask") is not None:
@@ -255,7 +260,7 @@ class PrefetchJob:
 
     @classmethod
     def from_payload(cls, data: Any) -> PrefetchJob:
-        data = _request_dict(data)
+        data = request_dict(data)
         return cls(check_model_name(data.get("model")), check_image_key(data.get("image")))
 
 
@@ -277,7 +282,7 @@ class ExportJob:
 
     @classmethod
     def from_payload(cls, data: Any) -> ExportJob:
-        data = _request_dict(data)
+        data = request_dict(data)
         return cls(
             check_model_name(data.get("model")),
             check_image_key(data.get("image")),

@@ -51,7 +51,7 @@ def _split(values: Sequence[str] | str | None) -> list[str]:
     return [item.strip() for value in values for item in value.split(",") if item.strip()]
 
 
-def _load_plugins(names: Sequence[str]) -> None:
+def load_plugins(names: Sequence[str]) -> None:
     for name in names:
         try:
             importlib.import_module(name)
@@ -67,7 +67,7 @@ def build_worker(args: argparse.Namespace) -> TapmaskWorker:
     for model in models:
         check_model_name(model)
     kinds = queue_kinds(args.queue_kinds)
-    _load_plugins(_split(args.plugin) + _split(os.environ.get("TAPMASK_PLUGINS")))
+    load_plugins(_split(args.plugin) + _split(os.environ.get("TAPMASK_PLUGINS")))
     options: dict[str, Any] = {}
     if args.device:
         options["device"] = args.device

@@ -62,7 +62,14 @@ SAM2 = Family("sam2", "SAM 2.1", "Sam2Model", ("sam2", "sam2_video"), "SAM2_MODE
 EDGETAM = Family(
     "edgetam", "EdgeTAM", "EdgeTamModel", ("edgetam", "edgetam_video"), "EDGETAM_MODEL_DIR"
 )
-FAMILIES = {family.key: family for family in (SAM, SAM_HQ, SAM2, EDGETAM)}
+GROUNDING_DINO = Family(
+    "grounding_dino",
+    "Grounding DINO",
+    "GroundingDinoForObjectDetection",
+    ("grounding-dino",),
+    "GROUNDING_DINO_MODEL_DIR",
+)
+FAMILIES = {family.key: family for family in (SAM, SAM_HQ, SAM2, EDGETAM, GROUNDING_DINO)}
 
 #: The word for each SAM ViT size in the hub repositories' names.
 _VIT_NAMES = {"vit_b": "base", "vit_l": "large", "vit_h": "huge"}
@@ -105,8 +112,27 @@ def _sam_models() -> dict[str, HfModel]:
     return table
 
 
-#: Every model of this package by registry name.
+#: Every segmenter of this package by registry name.
 MODELS: dict[str, HfModel] = _sam_models()
+
+#: Swin backbone sizes of the official Grounding DINO checkpoints (``config.json`` values).
+_SWIN_FINGERPRINTS = {
+    "tiny": {"backbone_config.embed_dim": 96, "backbone_config.depths": [2, 2, 6, 2]},
+    "base": {"backbone_config.embed_dim": 128, "backbone_config.depths": [2, 2, 18, 2]},
+}
+
+#: Every open-vocabulary detector of this package by registry name (text → boxes).
+DETECTORS: dict[str, HfModel] = {
+    f"grounding-dino-{size}": HfModel(
+        f"grounding-dino-{size}",
+        GROUNDING_DINO,
+        f"IDEA-Research/grounding-dino-{size}",
+        f"Grounding DINO Swin-{size[0].upper()} text-prompted detector (transformers)",
+        fingerprint,
+        size,
+    )
+    for size, fingerprint in _SWIN_FINGERPRINTS.items()
+}
 
 #: Files fetched from the hub: the model, its config and the processor's config; nothing else.
 HUB_FILES = (
@@ -116,16 +142,22 @@ HUB_FILES = (
     "model-*-of-*.safetensors",
     "preprocessor_config.json",
     "processor_config.json",
+    # a detector's text tokenizer (Grounding DINO: BERT's)
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
 )
 
 
 def names() -> list[str]:
+    """The segmenters' names (``DETECTORS`` holds the detectors')."""
     return sorted(MODELS)
 
 
 def model_info(name: str) -> HfModel:
     try:
-        return MODELS[name]
+        return MODELS[name] if name in MODELS else DETECTORS[name]
     except KeyError:
         raise ModelNotFound(
             f"unknown transformers model {name!r}; known: {', '.join(names())}"
@@ -174,6 +206,25 @@ def build(
             f"model {name!r} needs {exc.name or exc} (pip install 'tapmask[hf]')"
         ) from exc
     return build_family_model(info, checkpoint=checkpoint, device=device, **options)
+
+
+def build_detector(
+    name: str,
+    checkpoint: str | os.PathLike[str] | None = None,
+    device: Any = None,
+    **options: Any,
+) -> Any:
+    """Registry factory for every name in ``DETECTORS`` (a ``Detector``; options: see
+    ``backends.models.hf.grounding_dino.build``). Never reaches the hub (see ``build``)."""
+    info = model_info(name)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        from backends.models.hf.grounding_dino import build as build_grounding_dino
+    except ImportError as exc:
+        raise ModelLoadError(
+            f"model {name!r} needs {exc.name or exc} (pip install 'tapmask[hf]')"
+        ) from exc
+    return build_grounding_dino(info, checkpoint=checkpoint, device=device, **options)
 
 
 def download(
@@ -227,12 +278,14 @@ def convert_sam_checkpoint(
 
 
 __all__ = [
+    "DETECTORS",
     "FAMILIES",
     "HUB_FILES",
     "MODELS",
     "Family",
     "HfModel",
     "build",
+    "build_detector",
     "convert_sam_checkpoint",
     "download",
     "model_directory",
