@@ -173,6 +173,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return eval_main(args)
 
 
+def _cmd_eval_boxes(args: argparse.Namespace) -> int:
+    from backends.evaluation.boxes import main as boxes_main
+
+    return boxes_main(args)
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from backends.benchmarks.run import main as bench_main
 
@@ -268,6 +274,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="SAM models with tiny random weights (sizes.TINY_SAM): the code path, not quality",
     )
     ev.set_defaults(func=_cmd_eval)
+
+    ev_boxes = sub.add_parser(
+        "eval-boxes", help="boxes → masks: each ground truth's tight box through the model"
+    )
+    ev_boxes.add_argument("--dataset", required=True)
+    ev_boxes.add_argument("--model", default="grabcut")
+    ev_boxes.add_argument("--checkpoint")
+    ev_boxes.add_argument("--limit", type=int, help="only the first N images")
+    ev_boxes.set_defaults(func=_cmd_eval_boxes)
 
     bench = sub.add_parser("bench", help="side-by-side performance measurements")
     bench.add_argument("--only", action="append", help="run only these bench modules")

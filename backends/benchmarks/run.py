@@ -8,7 +8,7 @@ import traceback
 
 from backends.benchmarks import BenchRow
 
-MODULES = ["codecs", "sam", "ritm", "queue", "hf"]
+MODULES = ["codecs", "sam", "ritm", "queue", "hf", "preannotate"]
 
 
 def _fmt(value: float, unit: str) -> str:

@@ -49,8 +49,8 @@ class LabelStudioApi:
         self._http = httpx.Client(
             base_url=self.url, timeout=timeout, transport=transport, trust_env=False
         )
-        self.auth = TokenAuth(self._http, timeout)
         self.images = ImageClient(transport=transport)
+        self.auth: TokenAuth = self.images.auth  # one access token for API calls and images
 
     def close(self) -> None:
         self._http.close()
@@ -81,11 +81,11 @@ class LabelStudioApi:
     def project(self, project: int) -> dict[str, Any]:
         return self._call("GET", f"/api/projects/{int(project)}")
 
-    def tasks(self, project: int) -> Iterator[dict[str, Any]]:
+    def tasks(self, project: int, page_size: int = PAGE_SIZE) -> Iterator[dict[str, Any]]:
         """The project's tasks (list entries: ``id``, ``data``…, no annotations), page by page."""
         page, seen = 1, 0
         while True:
-            params = {"project": int(project), "page": page, "page_size": PAGE_SIZE}
+            params = {"project": int(project), "page": page, "page_size": page_size}
             body = self._call("GET", "/api/tasks", params=params, ok=(200, 404))
             chunk = body.get("tasks") if isinstance(body, dict) else None
             if not chunk:  # a 404 "Invalid page." past the last page, or an empty page

@@ -143,13 +143,15 @@ def _boxes(rects: list[dict[str, Any]], image: bytes) -> list[tuple[str, Box]]:
     return boxes
 
 
-def _regions(
+def instance_regions(
     plan: Preannotation,
     config: LabelConfig,
     task_id: Any,
     to_name: str,
     instances: list[Instance],
 ) -> list[dict[str, Any]]:
+    """Label Studio regions for ``instances`` on image ``to_name``: one per output control of
+    the plan's formats that defines the instance's label."""
     regions = []
     for index, instance in enumerate(instances):
         height, width = instance.mask.shape
@@ -206,6 +208,6 @@ def task_prediction(
                 plan.label_prompts(config, to_name),
                 plan.thresholds,
             )
-        regions += _regions(plan, config, task.get("id"), to_name, instances)
+        regions += instance_regions(plan, config, task.get("id"), to_name, instances)
     score = min((r["score"] for r in regions), default=0.0)
     return {"result": regions, "score": score, "model_version": plan.model_version(config)}

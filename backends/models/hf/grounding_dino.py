@@ -60,6 +60,20 @@ def default_config(info: HfModel | None = None, **overrides: Any) -> Any:
     return transformers.GroundingDinoConfig(**overrides)
 
 
+def random_tokenizer(config: Any, vocabulary: Sequence[str] = ()) -> Any:
+    """A BERT tokenizer for a random-weight model: BERT's special tokens, ``.``,
+    ``vocabulary`` (lower-cased) and fillers up to the text model's vocabulary size."""
+    from transformers import BertTokenizer
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "."]
+    words += [w.lower() for w in dict.fromkeys(vocabulary) if w.lower() not in words]
+    size = int(config.text_config.vocab_size)
+    if len(words) > size:
+        raise ValueError(f"{len(words)} words do not fit a {size}-token text model")
+    words += [f"[unused{i}]" for i in range(size - len(words))]
+    return BertTokenizer(vocab={word: i for i, word in enumerate(words)})
+
+
 def save_random_model(
     directory: str | os.PathLike[str],
     config: Any = None,
@@ -68,27 +82,16 @@ def save_random_model(
     image_size: dict[str, int] | None = None,
 ) -> Path:
     """A Grounding DINO with random (seeded) weights saved as the hub stores one: config,
-    safetensors, image processor settings and a BERT tokenizer whose vocabulary is BERT's
-    special tokens, ``.``, ``vocabulary`` and fillers up to the text model's size. Tests and
-    benchmarks load it through the real loader; nothing is downloaded. ``image_size``: the image
-    processor's resize (default the official shortest edge 800, longest 1333)."""
-    from transformers import (
-        BertTokenizer,
-        GroundingDinoForObjectDetection,
-        GroundingDinoImageProcessor,
-    )
+    safetensors, image processor settings and a ``random_tokenizer``. Tests load it through the
+    real loader; nothing is downloaded. ``image_size``: the image processor's resize (default
+    the official shortest edge 800, longest 1333)."""
+    from transformers import GroundingDinoForObjectDetection, GroundingDinoImageProcessor
 
     config = config if config is not None else default_config()
     torch.manual_seed(seed)
     target = Path(directory)
     GroundingDinoForObjectDetection(config).save_pretrained(str(target))
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "."]
-    words += [w.lower() for w in dict.fromkeys(vocabulary) if w.lower() not in words]
-    size = int(config.text_config.vocab_size)
-    if len(words) > size:
-        raise ValueError(f"{len(words)} words do not fit a {size}-token text model")
-    words += [f"[unused{i}]" for i in range(size - len(words))]
-    BertTokenizer(vocab={word: i for i, word in enumerate(words)}).save_pretrained(str(target))
+    random_tokenizer(config, vocabulary).save_pretrained(str(target))
     processor = GroundingDinoImageProcessor(**({"size": image_size} if image_size else {}))
     processor.save_pretrained(str(target))
     return target
@@ -202,12 +205,21 @@ def build(
     device: str | torch.device | None = None,
     *,
     check_variant: bool = True,
+    random_weights: bool = False,
 ) -> GroundingDinoDetector:
     """The detector of ``info`` from its checked directory (``checkpoint``, else
     ``GROUNDING_DINO_MODEL_DIR``, else ``$TAPMASK_MODELS_DIR/<name>``). ``check_variant=False``
-    accepts another size (tests build tiny configs)."""
+    accepts another size (tests build tiny configs); ``random_weights=True`` builds the official
+    architecture untrained with a ``random_tokenizer``, reading no file (benchmarks)."""
     from transformers import GroundingDinoForObjectDetection, GroundingDinoImageProcessor
 
+    if random_weights:
+        if checkpoint is not None:
+            raise ModelLoadError("random_weights=True and a checkpoint are mutually exclusive")
+        config = default_config(info)
+        model = GroundingDinoForObjectDetection(config).eval()
+        processor = GroundingDinoImageProcessor()
+        return GroundingDinoDetector(model, processor, random_tokenizer(config), info.name, device)
     directory = model_directory(info.name, checkpoint)
     model = load_checked(GroundingDinoForObjectDetection, info, directory, variant=check_variant)
     tokenizer = _load_tokenizer(info, directory)
