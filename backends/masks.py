@@ -309,7 +309,9 @@ def coco_rle_to_mask(rle: Mapping[str, Any]) -> BoolMask:
         if sum(runs) != h * w:
             raise ValueError(f"COCO RLE counts sum to {sum(runs)}, expected {h}*{w}={h * w}")
         obj = coco_mask.frPyObjects({"size": [h, w], "counts": runs}, h, w)
-    return coco_mask.decode(obj).astype(bool)
+    # pycocotools decodes column-major; OpenCV refuses such an array as an output (GrabCut's
+    # labels), so every mask leaves here row-major like the rest of the codecs' masks.
+    return np.ascontiguousarray(coco_mask.decode(obj), dtype=bool)
 
 
 # --------------------------------------------------------------------------------------------

@@ -178,3 +178,16 @@ def test_a_pre_annotation_plus_one_correction_beats_a_click_from_scratch(grabcut
         scratch, _ = segmenter.decode(image, None, first, None)
         assert iou(sample.gt, refined.mask) > iou(sample.gt, coarse) + 0.05
         assert iou(sample.gt, refined.mask) > iou(sample.gt, scratch.mask) + 0.05
+
+
+def test_a_column_major_mask_to_refine_is_accepted():
+    """A previous mask decoded from COCO RLE (pycocotools is column-major) still initialises
+    GrabCut, whose labels OpenCV only writes row-major."""
+    image = np.zeros((60, 80, 3), np.uint8)
+    image[15:45, 20:60] = 200
+    mask = np.zeros((60, 80), bool, order="F")
+    mask[10:50, 15:65] = True
+    seg, _ = GrabCutSegmenter().decode(
+        image, None, Prompt((Click(17, 12, positive=False),), previous_mask=mask), None
+    )
+    assert seg.mask[30, 40] and not seg.mask[12, 17]

@@ -162,7 +162,8 @@ class GrabCutSegmenter:
 
         if refining:
             # The caller's mask initialises GrabCut directly (see the module docstring).
-            labels = np.where(previous, cv2.GC_PR_FGD, cv2.GC_PR_BGD).astype(np.uint8)
+            # Row-major whatever the caller's mask is: GrabCut writes into its labels.
+            labels = np.where(previous, cv2.GC_PR_FGD, cv2.GC_PR_BGD).astype(np.uint8, order="C")
             labels[seeds == _BACKGROUND] = cv2.GC_BGD
             labels[seeds == _OBJECT] = cv2.GC_FGD
         elif not prompt.positives and not (markers == _OBJECT).any():
