@@ -181,8 +181,8 @@ MAX_REFINE_REGIONS = _limit(
     "TAPMASK_MAX_REFINE_REGIONS",
     32,
     "regions",
-    "brush regions of the clicked label in a task's drafts, annotations and predictions that a "
-    "click may refine (each is decoded to find the nearest)",
+    "brush and polygon regions of the clicked label in a task's drafts, annotations and "
+    "predictions that a click may refine (each is decoded to find the nearest)",
     "Label Studio",
     "the rest are not considered (logged)",
 )

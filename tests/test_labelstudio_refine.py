@@ -196,3 +196,47 @@ def test_a_stored_region_maps_onto_the_decoded_image(orientation):
     np.testing.assert_array_equal(frame.to_image(frame.mask(image_mask)), image_mask)
     scaled = Frame(declared[0] * 2, declared[1] * 2, 40, 30, orientation)
     np.testing.assert_array_equal(scaled.to_image(scaled.mask(image_mask)), image_mask)
+
+
+def _polygon(mask: np.ndarray, region_id: str = "poly1") -> dict:
+    """A polygon region the way this backend writes one (``predict.regions``)."""
+    height, width = mask.shape
+    points = np.asarray(masks.largest_polygon(mask, 1.0), float) + 0.5
+    return {
+        "id": region_id,
+        "from_name": "poly",
+        "to_name": "image",
+        "type": "polygonlabels",
+        "original_width": width,
+        "original_height": height,
+        "value": {
+            "points": masks.polygon_to_percent(points, width, height),
+            "closed": True,
+            "polygonlabels": ["Object"],
+        },
+    }
+
+
+def test_a_polygon_region_is_refined_too(fake_ls, person8):
+    """Pre-annotations written as polygons (``tapmask annotate --format polygons``) refine the
+    same way: a lone negative click trims the polygon's area."""
+    _, gt = person8
+    existing = coarse_mask(gt, "dilate15")
+    poly_outputs = [(Control("poly", "polygonlabels", "image", ("Object",)), "Object")]
+    height, width = gt.shape
+    task = _task(regions=[_polygon(existing)])
+    found = region_to_refine(
+        task, "image", poly_outputs, Click(0, 0), ImageGeometry(height, width), 1.0
+    )
+    assert found is not None and (found.mask ^ existing).sum() < 0.02 * existing.sum()
+
+    from tests.test_labelstudio import CONFIG
+
+    row, col, _ = next_click(gt, existing)
+    keypoint = _keypoint(*_pct(row, col, gt), False, w=width, h=height)
+    body = _predict_body([keypoint], config=CONFIG, url=URL, tasks=[task])
+    response = _client(fake_ls).post("/predict", json=body)
+    assert response.status_code == 200, response.text
+    [brush] = [r for r in response.json()["results"][0]["result"] if r["type"] == "brushlabels"]
+    refined = np.reshape(decode_rle(brush["value"]["rle"]), (height, width, 4))[:, :, 3] > 0
+    assert not refined[row, col] and iou(gt, refined) > iou(gt, existing)

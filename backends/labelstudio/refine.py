@@ -1,4 +1,4 @@
-"""Refine what a task already holds: the brush region a click lands on becomes the model's
+"""Refine what a task already holds: the region a click lands on becomes the model's
 previous mask (``Prompt.previous_mask``) instead of the click starting a new object.
 
 Label Studio 1.23.2 sends the task along with every interactive click, serialised by
@@ -8,16 +8,16 @@ annotation and prediction of the task, and the drafts of the annotator who click
 (``ml/mixins.py: InteractiveMixin``), each with its ``result`` list of regions.
 
 The region to refine (``region_to_refine``) is a brush region (``type: brushlabels``,
-``value.format: rle``) on the clicked image whose control and label are among the outputs the click
-answers in (``LabelConfig.outputs_for``), and which the object's *first* click lands inside or
-within ``distance`` of (a fraction of the image's longer side, ``TAPMASK_REFINE_DISTANCE``). The
-first click, so every later click of the same object refines the same region. Several candidates:
-the one nearest to the first click (0 inside), then the annotator's drafts before annotations
-before predictions, then the order Label Studio lists them in. Regions this backend answered to the
-earlier clicks of the same object (their ids, when Label Studio keeps them) are never a starting
-point. At most ``TAPMASK_MAX_REFINE_REGIONS`` regions are decoded; a region that cannot be decoded
-or belongs to another picture is skipped (logged), never an error: the click then starts from
-scratch as it would without the region.
+``value.format: rle``) or a polygon (``polygonlabels``) on the clicked image whose control and
+label are among the outputs the click answers in (``LabelConfig.outputs_for``), and which the
+object's *first* click lands inside or within ``distance`` of (a fraction of the image's longer
+side, ``TAPMASK_REFINE_DISTANCE``). The first click, so every later click of the same object
+refines the same region. Several candidates: the one nearest to the first click (0 inside), then
+the annotator's drafts before annotations before predictions, then the order Label Studio lists
+them in. Regions this backend answered to the earlier clicks of the same object (their ids, when
+Label Studio keeps them) are never a starting point. At most ``TAPMASK_MAX_REFINE_REGIONS`` regions
+are decoded; a region that cannot be decoded or belongs to another picture is skipped (logged),
+never an error: the click then starts from scratch as it would without the region.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import numpy as np
 from backends import masks
 from backends.errors import InvalidRequest, TapmaskError
 from backends.labelstudio.frames import frame_for
-from backends.labelstudio.labelconfig import Control
+from backends.labelstudio.labelconfig import OUTPUT_TYPES, Control
 from backends.prompts import Click, finite_number
 from backends.settings import MAX_REFINE_REGIONS
 
@@ -63,11 +63,12 @@ class Existing:
     distance: float  # from the first click, in decoded-image pixels (0 inside)
 
 
-def _brush_regions(
+def _regions(
     task: dict[str, Any], to_name: str, outputs: Collection[tuple[Control, str]]
 ) -> Iterator[tuple[str, int, dict[str, Any]]]:
-    """``(source, rank, region)`` for every brush region of the outputs' controls and labels."""
-    wanted = {(control.name, label) for control, label in outputs if control.type == "brushlabels"}
+    """``(source, rank, region)`` for every brush (RLE) or polygon region of the outputs'
+    controls and labels."""
+    wanted = {(control.name, label) for control, label in outputs}
     for rank, key in enumerate(SOURCES):
         items = task.get(key)
         if not isinstance(items, list):
@@ -77,18 +78,34 @@ def _brush_regions(
             if not isinstance(result, list):
                 continue
             for region in result:
-                if not isinstance(region, dict) or region.get("type") != "brushlabels":
+                kind = region.get("type") if isinstance(region, dict) else None
+                if kind not in OUTPUT_TYPES or region.get("to_name") != to_name:
                     continue
                 value = region.get("value")
-                if region.get("to_name") != to_name or not isinstance(value, dict):
-                    continue
-                labels = value.get("brushlabels")
+                labels = value.get(kind) if isinstance(value, dict) else None
                 if not isinstance(labels, list) or not any(
                     (region.get("from_name"), label) in wanted for label in labels
                 ):
                     continue
-                if value.get("format") == "rle" and isinstance(value.get("rle"), list):
+                if kind == "polygonlabels" or value.get("format") == "rle":
                     yield f"{key}[{index}]", rank, region
+
+
+def _declared_mask(region: dict[str, Any], height: int, width: int) -> np.ndarray:
+    """The region's mask in its own declared frame: brush RLE decoded, polygon filled (its
+    percent points are pixel edges, as ``predict.regions`` writes them)."""
+    value = region["value"]
+    if region["type"] == "brushlabels":
+        if not isinstance(value.get("rle"), list):
+            raise ValueError("brush rle must be a list of integers")
+        return masks.ls_rle_to_mask(value["rle"], height, width)
+    points = np.asarray(value.get("points"), dtype=np.float64)
+    if points.ndim != 2 or points.shape[1] != 2 or len(points) < 3:
+        raise ValueError("polygon points must be 3 or more [x%, y%] pairs")
+    if not np.isfinite(points).all():
+        raise ValueError("polygon points must be finite")
+    pixels = points / 100.0 * [width, height] - 0.5  # edges → pixel centres
+    return masks.polygons_to_mask([pixels], height, width)
 
 
 def _decode(region: dict[str, Any], image: ImageGeometry) -> np.ndarray:
@@ -98,8 +115,7 @@ def _decode(region: dict[str, Any], image: ImageGeometry) -> np.ndarray:
     if width < 1 or height < 1:
         raise ValueError("original_width/original_height must be positive")
     frame = frame_for(width, height, image.height, image.width, image.orientation)
-    declared = masks.ls_rle_to_mask(region["value"]["rle"], height, width)
-    return frame.to_image(declared)
+    return frame.to_image(_declared_mask(region, height, width))
 
 
 def _distance(mask: np.ndarray, click: Click, limit: float) -> float:
@@ -131,7 +147,7 @@ def region_to_refine(
     distance: float,
     skip_ids: Collection[Any] = (),
 ) -> Existing | None:
-    """The existing brush region the object's first click refines, or None (module docstring).
+    """The existing region the object's first click refines, or None (module docstring).
 
     ``distance``: how far outside a region the first click may land, as a fraction of the
     image's longer side. ``skip_ids``: region ids never to start from (this backend's answers to
@@ -142,12 +158,12 @@ def region_to_refine(
     best: tuple[float, int, int] | None = None
     chosen: Existing | None = None
     decoded = 0
-    for order, (source, rank, region) in enumerate(_brush_regions(task, to_name, outputs)):
+    for order, (source, rank, region) in enumerate(_regions(task, to_name, outputs)):
         if region.get("id") is not None and region.get("id") in skip_ids:
             continue
         if decoded == max_regions:
             log.info(
-                "task %s: more than %d brush regions of this label; the rest are not considered "
+                "task %s: more than %d regions of this label; the rest are not considered "
                 "for refinement (TAPMASK_MAX_REFINE_REGIONS)",
                 task.get("id"),
                 max_regions,
@@ -156,7 +172,7 @@ def region_to_refine(
         decoded += 1
         try:
             mask = _decode(region, image)
-        except (ValueError, TapmaskError) as exc:
+        except (ValueError, TypeError, TapmaskError) as exc:
             log.info(
                 "task %s: %s region %s not refined: %s",
                 task.get("id"),

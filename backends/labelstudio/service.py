@@ -80,7 +80,7 @@ class Settings:
     prefetch_threads: int = 2
     prefetch_queue: int = field(default_factory=lambda: int(PREFETCH_QUEUE))
     polygon_tolerance: float = 1.0
-    # A click on an existing brush region of its label refines it (backends/labelstudio/refine.py)
+    # A click on an existing brush/polygon region of its label refines it (labelstudio/refine.py)
     refine: bool = field(default_factory=_refine_from_env)
     # How far outside a region the first click may land and still refine it (fraction of the
     # image's longer side; the environment gives it in percent).
@@ -321,8 +321,8 @@ class LabelStudioService:
         prompt: Prompt,
         image: ImageGeometry,
     ) -> Prompt:
-        """Keypoints on an existing brush region of their label refine it: the region becomes
-        the prompt's previous mask (``backends/labelstudio/refine.py``). A smart rectangle
+        """Keypoints on an existing brush/polygon region of their label refine it: the region
+        becomes the prompt's previous mask (``backends/labelstudio/refine.py``). A smart rectangle
         always starts a new object."""
         if not self.settings.refine or prompt.box is not None or not prompt.clicks:
             return prompt
