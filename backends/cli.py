@@ -107,6 +107,16 @@ def _cmd_prefetch(args: argparse.Namespace) -> int:
     return prefetch_project(args.project, args.backend, args.label_studio, args.batch)
 
 
+def _parse_refine_mode(text: str) -> str:
+    from backends.evaluation.refine import parse_mode
+
+    try:
+        parse_mode(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def _cmd_annotate(args: argparse.Namespace) -> int:
     from backends.labelstudio.annotate import annotate_project
     from backends.labelstudio.preannotation import FORMATS, Preannotation
@@ -287,6 +297,19 @@ def build_parser() -> argparse.ArgumentParser:
         default="both",
         help="progressive (local) corrections: both side by side (default), on, off, or the "
         "model's serving setting (TAPMASK_PROGRESSIVE, else the model's default)",
+    )
+    ev.add_argument(
+        "--refine-from",
+        action="append",
+        type=_parse_refine_mode,
+        metavar="dilateN|erodeN",
+        help="instead of NoC: ground truth dilated/eroded by N px + one corrective click vs one "
+        "click from scratch, mean IoU (repeatable)",
+    )
+    ev.add_argument(
+        "--tiny-random",
+        action="store_true",
+        help="SAM models with tiny random weights (sizes.TINY_SAM): the code path, not quality",
     )
     ev.set_defaults(func=_cmd_eval)
 

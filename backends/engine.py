@@ -272,10 +272,12 @@ class Engine:
             if prompt.previous_mask is not None:
                 # A caller-supplied mask replaces the history: decode once, cache nothing.
                 result = self._decode(model, array, embedding, prompt, None)[0]
-                if self.progressive(name) and prompt.clicks:
-                    result.mask = merge(
-                        prompt.previous_mask, result.mask, prompt.clicks[-1], self.config.merge
-                    )
+                if self.progressive(name):
+                    # Every click is a step after the mask: each changes it only near itself.
+                    merged = np.asarray(prompt.previous_mask, dtype=bool)
+                    for click in prompt.clicks:
+                        merged = merge(merged, result.mask, click, self.config.merge)
+                    result.mask = merged
                 return result
             merging = self.progressive(name)
             replays = model.replays_history or merging

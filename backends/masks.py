@@ -309,7 +309,9 @@ def coco_rle_to_mask(rle: Mapping[str, Any]) -> BoolMask:
         if sum(runs) != h * w:
             raise ValueError(f"COCO RLE counts sum to {sum(runs)}, expected {h}*{w}={h * w}")
         obj = coco_mask.frPyObjects({"size": [h, w], "counts": runs}, h, w)
-    return coco_mask.decode(obj).astype(bool)
+    # pycocotools decodes column-major; OpenCV refuses such an array as an output (GrabCut's
+    # labels), so every mask leaves here row-major like the rest of the codecs' masks.
+    return np.ascontiguousarray(coco_mask.decode(obj), dtype=bool)
 
 
 # --------------------------------------------------------------------------------------------
@@ -635,6 +637,22 @@ def mask_to_cvat_crop_json(mask: ArrayLike, **fields: Any) -> str:
     for key, value in fields.items():
         parts.append(json.dumps(key).encode() + b":" + _compact_json(value))
     return (b",".join(parts) + b"}").decode("ascii")
+
+
+def mask_to_cvat_detector_json(mask: ArrayLike) -> str:
+    """A CVAT *detector*'s ``mask`` field as JSON text: the crop of the inclusive bounding box,
+    row by row in one flat 0/1 list, followed by ``x1, y1, x2, y2`` (CVAT's server cuts off the
+    last four values and run-length encodes the rest: ``lambda_manager/views.py``,
+    ``_call_detector.parse_anno``). The interactor format (:func:`mask_to_cvat_crop_json`:
+    2-D rows and a separate ``bounds``) is not accepted there. Raises ``ValueError`` for an
+    empty mask."""
+    m = _as_mask(mask)
+    x1, y1, x2, y2 = _require_bbox(m)
+    crop = np.ascontiguousarray(m[y1 : y2 + 1, x1 : x2 + 1]).reshape(-1)
+    chars = np.empty(2 * crop.size, np.uint8)  # "d," per pixel
+    chars[0::2] = np.where(crop, ord("1"), ord("0"))
+    chars[1::2] = ord(",")
+    return "[" + chars.tobytes().decode("ascii") + f"{x1},{y1},{x2},{y2}]"
 
 
 def _compact_json(value: Any) -> bytes:

@@ -239,6 +239,16 @@ MAX_TRACK_STATE_MB = _limit(
     "not shared (the next frame on another worker re-initialises)",
 )
 
+MAX_REFINE_REGIONS = _limit(
+    "TAPMASK_MAX_REFINE_REGIONS",
+    32,
+    "regions",
+    "brush and polygon regions of the clicked label in a task's drafts, annotations and "
+    "predictions that a click may refine (each is decoded to find the nearest)",
+    "Label Studio",
+    "the rest are not considered (logged)",
+)
+
 
 MAX_INSTANCES = _limit(
     "TAPMASK_MAX_INSTANCES",

@@ -308,4 +308,41 @@ FUNCTIONS: tuple[Function, ...] = (
         extra="hf",
         shape_types=TRACKED_SHAPES,
     ),
+    Function(
+        folder="grounding-sam2",
+        name="tapmask-grounding-sam2",
+        title="Grounding DINO + SAM 2.1 (tapmask)",
+        kind="detector",
+        description="Text-prompted masks by tapmask: Grounding DINO finds each label by its name, "
+        "SAM 2.1 segments every box",
+        about="a detector for CVAT's Automatic annotation: each label's name (or its "
+        "TAPMASK_LABEL_PROMPTS text) prompts Grounding DINO (transformers), every box above the "
+        "threshold becomes a SAM 2.1 mask. Replies CVAT's detector items: type mask (flat crop + "
+        "bounds, and points for 'convert masks to polygons'), or polygon for polygon labels. "
+        "Edit the labels in serverless/functions.py and regenerate; the spec and "
+        "TAPMASK_DETECTOR_LABELS are written from the same list.",
+        model="sam2.1-hiera-large",
+        env=(
+            ("TAPMASK_CVAT_MODE", "detector"),
+            ("SAM2_MODEL_DIR", "/models/sam2.1-hiera-large"),
+            ("TAPMASK_DETECTOR", "grounding-dino-tiny"),
+            ("GROUNDING_DINO_MODEL_DIR", "/models/grounding-dino-tiny"),
+        ),
+        extra="hf",
+        labels=tuple(
+            Label(name)
+            for name in (
+                "person",
+                "car",
+                "truck",
+                "bus",
+                "bicycle",
+                "motorcycle",
+                "dog",
+                "cat",
+                "bird",
+                "horse",
+            )
+        ),
+    ),
 )

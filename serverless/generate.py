@@ -150,6 +150,9 @@ def labels_json(labels: tuple[Label, ...]) -> str | None:
 
 def environment(function: Function, variant: Variant) -> list[tuple[str, str]]:
     env = [("TAPMASK_MODEL", function.model), *function.env]
+    if function.labels:  # the handler's copy of spec (backends/cvat/detector.py reads it)
+        labels = [{"name": label.name, "type": label.type} for label in function.labels]
+        env.append(("TAPMASK_DETECTOR_LABELS", json.dumps(labels)))
     if function.weights:
         env.append(("TAPMASK_MODELS_DIR", MODELS_MOUNT))
     if function.torch:

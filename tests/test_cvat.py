@@ -469,8 +469,12 @@ def test_settings_from_env():
     )
     assert settings.model == "ritm-h18"
     assert settings.options == {"max_size": 800, "device": "cuda:1"}
+    settings = settings_from_env({"TAPMASK_CVAT_MODE": "detector", "TAPMASK_PLUGINS": "a, b"})
+    assert (settings.model, settings.detector) == ("grabcut", "grounding-dino-tiny")
+    assert settings.plugins == ("a", "b")
+    assert settings_from_env({}).detector is None
     for bad in (
-        {"TAPMASK_CVAT_MODE": "detector"},
+        {"TAPMASK_CVAT_MODE": "tracker"},
         {"TAPMASK_MODEL_OPTIONS": "{nope"},
         {"TAPMASK_MODEL_OPTIONS": "[1, 2]"},
     ):

@@ -74,3 +74,55 @@ def test_label_studio_and_cvat_share_one_worker(redis_with_worker, grabcut_dir, 
         fake_ls.close()
     # One image stored once in Redis for both tools (same bytes → same sha256 key).
     assert len(list(connection.scan_iter("tapmask:img:*"))) == 1
+
+
+def test_a_refining_click_carries_its_region_through_the_queue(
+    redis_with_worker, grabcut_dir, monkeypatch
+):
+    """The region a Label Studio click refines travels to the worker as the job's previous mask:
+    a lone negative click on it is answered (it would be refused without the region)."""
+    from backends import masks
+    from backends.evaluation.refine import coarse_mask
+    from tests.test_labelstudio import BRUSH_ONLY
+
+    server, _ = redis_with_worker
+    monkeypatch.setenv("TAPMASK_REDIS_URL", server.url)
+    data = (grabcut_dir / "data_GT" / "teddy.jpg").read_bytes()
+    gt = ground_truth_from_label(cv2.imread(str(grabcut_dir / "boundary_GT" / "teddy.bmp")))
+    existing = coarse_mask(gt, "dilate15")
+    row, col, positive = next_click(gt, existing)
+    assert not positive
+    region = {
+        "id": "pre1",
+        "from_name": "brush",
+        "to_name": "image",
+        "type": "brushlabels",
+        "original_width": 284,
+        "original_height": 398,
+        "value": {
+            "format": "rle",
+            "rle": masks.mask_to_ls_rle(existing),
+            "brushlabels": ["Object"],
+        },
+    }
+    url = "/data/upload/1/teddy.jpg"
+    fake_ls = FakeLabelStudio()
+    dispatcher = dispatcher_from_env(["grabcut"])
+    try:
+        fake_ls.files[url] = (data, "image/jpeg")
+        settings = Settings(
+            model="grabcut", label_studio_url=fake_ls.url, api_key=fake_ls.legacy_token
+        )
+        client = TestClient(create_app(dispatcher, settings, ImageClient(timeout=5)))
+        keypoint = _keypoint((col + 0.5) / 284 * 100, (row + 0.5) / 398 * 100, False)
+        for predictions, status in (([], 400), ([{"id": 1, "result": [region]}], 200)):
+            task = {"id": 7, "data": {"image": url}, "annotations": [], "predictions": predictions}
+            body = _predict_body([keypoint], BRUSH_ONLY, url, tasks=[task])
+            response = client.post("/predict", json=body)
+            assert response.status_code == status, response.text
+        [brush] = response.json()["results"][0]["result"]
+        mask = masks.ls_rle_to_mask(brush["value"]["rle"], 398, 284)
+        assert not mask[row, col] and iou(gt, mask) > iou(gt, existing)
+    finally:
+        dispatcher.close()
+        fake_ls.close()

@@ -156,3 +156,38 @@ def test_clicks_after_a_box_refine_the_box_mask():
     assert not mask[60, 105] and mask[30:90, 50:100].mean() > 0.9
     mask = engine.segment("grabcut", data, Prompt((Click(105, 60, False), Click(70, 60)), box)).mask
     assert mask[60, 70] and not mask[60, 105] and mask[30:90, 50:100].mean() > 0.9
+
+
+def test_a_pre_annotation_plus_one_correction_beats_a_click_from_scratch(grabcut_dir):
+    """Refining (Label Studio: a click on an existing brush region): the caller's mask
+    initialises GrabCut. A mask dilated by 15 px plus the negative click the NoC clicker puts in
+    its error ends closer to the object than the mask, and than one click without it."""
+    from backends.evaluation.clicker import iou
+    from backends.evaluation.refine import coarse_mask
+
+    segmenter = GrabCutSegmenter()
+    [sample] = [s for s in load_samples(grabcut_dir) if s.name == "person8.bmp"]
+    image = images.decode(sample.image_bytes)
+    for mode, positive in (("dilate15", False), ("erode15", True)):
+        coarse = coarse_mask(sample.gt, mode)
+        row, col, is_positive = next_click(sample.gt, coarse)
+        assert is_positive is positive  # a dilated mask needs a negative click: no positive one
+        prompt = Prompt((as_click(row, col, is_positive),), previous_mask=coarse)
+        refined, _ = segmenter.decode(image, None, prompt, None)
+        first = Prompt((as_click(*next_click(sample.gt, np.zeros_like(coarse))),))
+        scratch, _ = segmenter.decode(image, None, first, None)
+        assert iou(sample.gt, refined.mask) > iou(sample.gt, coarse) + 0.05
+        assert iou(sample.gt, refined.mask) > iou(sample.gt, scratch.mask) + 0.05
+
+
+def test_a_column_major_mask_to_refine_is_accepted():
+    """A previous mask decoded from COCO RLE (pycocotools is column-major) still initialises
+    GrabCut, whose labels OpenCV only writes row-major."""
+    image = np.zeros((60, 80, 3), np.uint8)
+    image[15:45, 20:60] = 200
+    mask = np.zeros((60, 80), bool, order="F")
+    mask[10:50, 15:65] = True
+    seg, _ = GrabCutSegmenter().decode(
+        image, None, Prompt((Click(17, 12, positive=False),), previous_mask=mask), None
+    )
+    assert seg.mask[30, 40] and not seg.mask[12, 17]

@@ -285,6 +285,27 @@ def test_second_click_reuses_the_embedding_and_feeds_back_logits(
 
 
 @pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_a_caller_mask_is_the_mask_input_where_it_lies(
+    name, segmenters, embeddings, image, monkeypatch
+):
+    """A caller's mask (a pre-annotation to refine) goes in as low-res logits in the model's own
+    frame: upscaled back the way the model upscales an answer, it is the caller's mask again."""
+    segmenter = segmenters(name)
+    embedding = embeddings(name)
+    mask = np.zeros(IMAGE_SHAPE, bool)
+    mask[40:120, 150:260] = True
+    logits = segmenter.mask_logits(mask, embedding)
+    assert tuple(logits.shape) == (1, 1, 256, 256)
+    back = segmenter.backbone.upscale(logits, embedding)
+    assert (back & mask).sum() / (back | mask).sum() > 0.95
+
+    calls, _ = _spy(monkeypatch, segmenter.model)
+    segmenter.decode(image, embedding, Prompt((Click(150, 100),), previous_mask=mask), None)
+    assert calls[-1]["multimask_output"] is False
+    np.testing.assert_array_equal(calls[-1]["input_masks"].numpy(), logits.numpy())
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
 def test_embedding_bytes_and_shared_round_trip(name, segmenters, embeddings):
     segmenter = segmenters(name)
     embedding = embeddings(name)

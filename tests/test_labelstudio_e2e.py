@@ -279,3 +279,39 @@ def test_edgetam_through_label_studio(label_studio, grabcut_dir, edgetam_dir):
         assert all(r["value"].get("brushlabels", r["value"].get("polygonlabels")) for r in regions)
     finally:
         stop(process)
+
+
+def test_a_click_on_a_stored_prediction_refines_it(label_studio, backend, grabcut_dir):
+    """Label Studio sends the task's predictions along with an interactive click
+    (``BaseExportDataSerializerForInteractive``): a lone negative click on a coarse brush
+    prediction trims that prediction (a lone negative click alone has no object to segment)."""
+    from backends import masks
+    from backends.evaluation.refine import coarse_mask
+
+    fresh = _project(label_studio, backend, grabcut_dir)
+    existing = coarse_mask(fresh.gt, "dilate15")
+    region = {
+        "id": "coarse1",
+        "from_name": "brush",
+        "to_name": "image",
+        "type": "brushlabels",
+        "original_width": 284,
+        "original_height": 398,
+        "image_rotation": 0,
+        "value": {
+            "format": "rle",
+            "rle": masks.mask_to_ls_rle(existing),
+            "brushlabels": ["Object"],
+        },
+    }
+    response = label_studio.api(
+        "POST",
+        "/api/predictions",
+        json={"task": fresh.task_id, "result": [region], "score": 0.5, "model_version": "coarse"},
+    )
+    assert response.status_code == 201, response.text
+    row, col, positive = next_click(fresh.gt, existing)
+    assert not positive
+    mask = _brush_mask(_interact(label_studio, fresh, [_keypoint(*_pct(row, col), False, 0)]))
+    assert not mask[row, col] and mask.sum() < existing.sum()
+    assert iou(fresh.gt, mask) > iou(fresh.gt, existing) + 0.1

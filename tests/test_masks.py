@@ -513,3 +513,10 @@ def test_polygon_to_percent() -> None:
 def test_non_2d_masks_rejected(encode, shape) -> None:
     with pytest.raises(ValueError, match="2-D"):
         encode(np.ones(shape, np.uint8))
+
+
+def test_coco_rle_decodes_row_major():
+    mask = np.zeros((7, 5), bool)
+    mask[2:5, 1:3] = True
+    back = M.coco_rle_to_mask(M.mask_to_coco_rle(mask))
+    assert back.flags.c_contiguous and np.array_equal(back, mask)

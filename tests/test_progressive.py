@@ -160,6 +160,28 @@ def test_engine_progressive_merges_into_a_caller_supplied_mask():
     ]
 
 
+class SquaresModel(WreckingModel):
+    """The union of a square around every positive click, whatever the mask it is given."""
+
+    def decode(self, image, embedding, prompt: Prompt, state):
+        self.decodes += 1
+        mask = np.zeros(image.shape[:2], bool)
+        for click in prompt.positives:
+            mask[int(click.y) - 5 : int(click.y) + 6, int(click.x) - 5 : int(click.x) + 6] = True
+        return Segmentation(mask, 1.0), None
+
+
+def test_engine_progressive_merges_every_click_into_a_caller_supplied_mask():
+    """A refined pre-annotation (Label Studio resends every click with the same region): each
+    click's correction stays, not only the last one's."""
+    previous = np.zeros((60, 80), bool)
+    previous[10:21, 10:21] = True
+    engine = Engine({"m": SquaresModel()}, EngineConfig(progressive={"m": True}))
+    clicks = (Click(60, 40), Click(40, 45))
+    mask = engine.segment("m", _png(), Prompt(clicks, previous_mask=previous)).mask
+    assert mask[10:21, 10:21].all() and mask[40, 60] and mask[45, 40]
+
+
 def test_env_turns_progressive_on_per_model(monkeypatch):
     monkeypatch.setenv("TAPMASK_PROGRESSIVE", "m=on")
     engine = Engine({"m": WreckingModel(), "n": WreckingModel()})

@@ -221,13 +221,36 @@ def test_matches_sam_predictor(segmenter, image, embedding) -> None:
     assert seg3.score == pytest.approx(float(scores3[0]), abs=1e-5)
 
 
-def test_previous_mask_without_state_is_ignored(segmenter, image, embedding) -> None:
+def _mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / max(1, (a | b).sum()))
+
+
+def test_a_caller_mask_becomes_low_res_logits_where_it_lies(segmenter, embedding) -> None:
+    """The mask input is SAM's own geometry run backwards: upscaling its logits the way SAM
+    upscales an answer gives the caller's mask back (off by the 4× downscale on the edges)."""
+    mask = np.zeros((200, 300), bool)
+    mask[40:120, 150:260] = True
+    logits = segmenter.mask_logits(mask, embedding)
+    assert tuple(logits.shape) == (1, 1, 256, 256)
+    assert float(logits.max()) == pytest.approx(10.0) and float(logits.min()) == -10.0
+    back = segmenter.backbone.upscale(logits, embedding)
+    assert _mask_iou(back, mask) > 0.95
+    # The padding below the image (683 of 1024 rows are image) is outside: negative logits.
+    assert float(logits[0, 0, 180:].max()) == -10.0
+
+
+def test_a_caller_mask_is_the_first_decode_s_mask_input(segmenter, image, embedding) -> None:
     clicks = (Click(150, 100),)
     plain, _ = segmenter.decode(image, embedding, Prompt(clicks), None)
-    with_mask, _ = segmenter.decode(
-        image, embedding, Prompt(clicks, previous_mask=np.ones((200, 300), bool)), None
-    )
-    np.testing.assert_array_equal(plain.mask, with_mask.mask)
+    mask = np.zeros((200, 300), bool)
+    mask[50:150, 80:220] = True
+    refined, state = segmenter.decode(image, embedding, Prompt(clicks, previous_mask=mask), None)
+    assert not np.array_equal(plain.mask, refined.mask)
+    assert state.shape == (1, 1, 256, 256)
+    # The same as continuing from a state that holds the mask's logits.
+    logits = segmenter.mask_logits(mask, embedding).numpy()
+    continued, _ = segmenter.decode(image, embedding, Prompt(clicks), logits)
+    np.testing.assert_array_equal(refined.mask, continued.mask)
 
 
 def test_encode_rejects_non_rgb(segmenter) -> None:

@@ -17,6 +17,14 @@ Configuration is environment only (``spec.env`` in ``function.yaml``):
     SAM image embedding for CVAT's stock SAM browser plugin (function name
     ``pth-facebookresearch-sam-vit-h``); SAM is then built with ``autocast=False`` because the
     plugin's ONNX decoder expects fp32-faithful embeddings.
+    ``detector``: CVAT's "Automatic annotation" (``backends/cvat/detector.py``): text-prompted
+    masks of the function's labels (``TAPMASK_DETECTOR_LABELS``), a list of CVAT detector items.
+``TAPMASK_DETECTOR``
+    detector mode: the registry name of the detector in front of ``TAPMASK_MODEL`` (default
+    ``grounding-dino-tiny``; its weights from ``GROUNDING_DINO_MODEL_DIR``).
+``TAPMASK_PLUGINS``
+    optional comma-separated modules imported before the models load (they register extra
+    models, as ``tapmask worker --plugin`` does).
 ``TAPMASK_DEVICE``
     ``cpu``, ``cuda``, ``cuda:1``… (default: the model's own choice, CUDA when available).
 ``TAPMASK_MODEL_OPTIONS``
@@ -45,10 +53,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from backends import images
-from backends.cvat import formats, tracking
+from backends.cvat import detector, formats, tracking
 from backends.dispatch import dispatcher_from_env
 from backends.errors import ModelLoadError, ModelNotFound, TapmaskError
 from backends.models import registry
+from backends.preannotate.settings import detector_name
 from backends.settings import check_limits
 
 ENV_MODEL = "TAPMASK_MODEL"
@@ -56,11 +65,15 @@ ENV_MODE = "TAPMASK_CVAT_MODE"
 ENV_DEVICE = "TAPMASK_DEVICE"
 ENV_OPTIONS = "TAPMASK_MODEL_OPTIONS"
 
+ENV_DETECTOR = "TAPMASK_DETECTOR"
+ENV_PLUGINS = "TAPMASK_PLUGINS"
+
 MODE_DECODE = "decode"
 MODE_EMBEDDING = "embedding"
-MODES = (MODE_DECODE, MODE_EMBEDDING)
+MODE_DETECTOR = "detector"
+MODES = (MODE_DECODE, MODE_EMBEDDING, MODE_DETECTOR)
 
-DEFAULT_MODEL = {MODE_DECODE: "grabcut", MODE_EMBEDDING: "sam-vit_h"}
+DEFAULT_MODEL = {MODE_DECODE: "grabcut", MODE_EMBEDDING: "sam-vit_h", MODE_DETECTOR: "grabcut"}
 
 #: The only function name CVAT's UI loads its SAM browser plugin for.
 STOCK_SAM_FUNCTION = "pth-facebookresearch-sam-vit-h"
@@ -71,6 +84,8 @@ class Settings:
     model: str
     mode: str = MODE_DECODE
     options: Mapping[str, Any] = field(default_factory=dict)
+    detector: str | None = None  # detector mode only
+    plugins: tuple[str, ...] = ()
 
     @property
     def tracker(self) -> bool:
@@ -102,7 +117,11 @@ def settings_from_env(environ: Mapping[str, str] | None = None) -> Settings:
         options["device"] = device
     if mode == MODE_EMBEDDING:
         options["autocast"] = False
-    return Settings(model=model, mode=mode, options=options)
+    detector = None
+    if mode == MODE_DETECTOR:
+        detector = (env.get(ENV_DETECTOR) or "").strip() or detector_name()
+    plugins = tuple(p.strip() for p in env.get(ENV_PLUGINS, "").split(",") if p.strip())
+    return Settings(model, mode, options, detector, plugins)
 
 
 def init_context(context: Any) -> None:
@@ -117,7 +136,13 @@ def init_context(context: Any) -> None:
                 "badly with it (serve them in decode mode instead)",
                 model=settings.model,
             )
-        dispatcher = dispatcher_from_env([settings.model], **settings.options)
+        if settings.plugins:
+            from backends.redis.startup import load_plugins
+
+            load_plugins(settings.plugins)
+        config = detector.config_from_env(os.environ) if settings.detector else None
+        models = [settings.model, *([settings.detector] if settings.detector else [])]
+        dispatcher = dispatcher_from_env(models, **settings.options)
     except Exception as exc:
         context.logger.error_with(
             "tapmask: cannot start the function",
@@ -128,6 +153,7 @@ def init_context(context: Any) -> None:
     context.user_data.settings = settings
     context.user_data.dispatcher = dispatcher
     context.user_data.click_order = formats.ClickOrder()
+    context.user_data.detector_config = config
     context.logger.info_with(
         "tapmask ready",
         model=settings.model,
@@ -153,6 +179,11 @@ def _serve(context: Any, event: Any) -> str:
         tracked = tracking.parse_tracker_request(data)
         answers = user.dispatcher.track(settings.model, tracked.image, list(tracked.targets))
         return tracking.tracker_reply(tracked, answers)
+    if settings.mode == MODE_DETECTOR:
+        request = detector.parse_detector_request(data)
+        config = user.detector_config
+        found = detector.detect(user.dispatcher, settings.model, settings.detector, config, request)
+        return detector.detector_reply(found, config)
     request = formats.parse_interactor_request(data)
     prompt = user.click_order.prompt(images.sha256(request.image), request)
     # ``request.threshold`` is validated but not applied: models return binary masks.

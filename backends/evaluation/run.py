@@ -146,15 +146,42 @@ def print_table(runs: list[Run], max_clicks: int) -> None:
                 print(f"failed: {run.label} {result.name}: {result.error}")
 
 
+def _engine(model: str, args: argparse.Namespace) -> Engine:
+    engine = Engine()
+    options: dict[str, object] = {"checkpoint": args.checkpoint} if args.checkpoint else {}
+    if getattr(args, "tiny_random", False):
+        from backends.models.sizes import TINY_SAM
+
+        options.update(random_weights=True, seed=0, architecture=TINY_SAM, device="cpu")
+    engine.load([model], **options)
+    return engine
+
+
+def refine_main(args: argparse.Namespace) -> int:
+    """``--refine-from``: pre-annotation + one corrective click vs one click from scratch."""
+    from backends.evaluation.refine import evaluate_refine, print_refine_table, summarise_refine
+
+    samples = list(iter_samples(Path(args.dataset), args.limit))
+    rows = []
+    for model in args.model:
+        engine = _engine(model, args)
+        for mode in args.refine_from:
+            rows.append(
+                (model, mode, summarise_refine(evaluate_refine(engine, model, samples, mode)))
+            )
+    print_refine_table(rows)
+    return 0 if all(summary["images"] for *_, summary in rows) else 1
+
+
 def main(args: argparse.Namespace) -> int:
+    if getattr(args, "refine_from", None):
+        return refine_main(args)
     dataset = Path(args.dataset)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     runs: list[Run] = []
     for model in args.model:
-        engine = Engine()
-        options = {"checkpoint": args.checkpoint} if args.checkpoint else {}
-        engine.load([model], **options)
+        engine = _engine(model, args)
         for mode in MODES[args.progressive]:
             if mode is not None:
                 engine.config.progressive[model] = mode

@@ -45,6 +45,12 @@ _TO_STORED = {
     7: lambda m: m[::-1, ::-1].T,
     8: lambda m: np.rot90(m, -1),
 }
+_FROM_STORED = {
+    5: lambda m: m.T,
+    6: lambda m: np.rot90(m, -1),
+    7: lambda m: m.T[::-1, ::-1],
+    8: lambda m: np.rot90(m, 1),
+}
 
 
 def check_declared_size(width: int, height: int) -> None:
@@ -108,6 +114,21 @@ class Frame:
                 mask.astype(np.uint8), (self.width, self.height), interpolation=cv2.INTER_NEAREST
             )
             return resized.astype(bool)
+        return mask
+
+    def to_image(self, mask: np.ndarray) -> np.ndarray:
+        """A declared-frame mask (a region Label Studio stored) → the decoded image
+        (boolean ``image_height × image_width``): the inverse of ``mask``."""
+        mask = np.asarray(mask, dtype=bool)
+        stored = (self.image_height, self.image_width)
+        if self.orientation != 1:
+            stored = (self.image_width, self.image_height)
+        if mask.shape != stored:
+            mask = cv2.resize(
+                mask.astype(np.uint8), stored[::-1], interpolation=cv2.INTER_NEAREST
+            ).astype(bool)
+        if self.orientation != 1:
+            mask = np.ascontiguousarray(_FROM_STORED[self.orientation](mask))
         return mask
 
 

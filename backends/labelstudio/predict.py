@@ -173,6 +173,16 @@ def _region_id(*parts: Any) -> str:
     return hashlib.sha1(repr(parts).encode()).hexdigest()[:10]
 
 
+def answer_ids(task_id: Any, outputs: list[tuple[Control, str]], prompt: Prompt) -> set[str]:
+    """The ids of the regions ``regions`` answered to the earlier clicks of this object (every
+    prefix of its clicks but the whole): what a refining click must not start from."""
+    return {
+        _region_id(task_id, control.name, label, prompt.prefix(n).key())
+        for n in range(1, len(prompt.clicks))
+        for control, label in outputs
+    }
+
+
 def regions(
     seg: Segmentation,
     obj: ObjectRequest,

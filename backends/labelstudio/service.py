@@ -30,14 +30,17 @@ from backends.labelstudio.preannotation import MODES
 from backends.labelstudio.predict import (
     ObjectRequest,
     PredictRequest,
+    answer_ids,
     objects_from_context,
     regions,
     to_prompt,
 )
+from backends.labelstudio.refine import ImageGeometry, region_to_refine
 from backends.labelstudio.retrieve import Retriever, check_extra_params, retrieve_plan
 from backends.labelstudio.video import VideoTracking
 from backends.labelstudio.videoregions import regions_from_context
 from backends.preannotate.settings import detector_name
+from backends.prompts import Prompt
 from backends.settings import MAX_REQUEST_MB, PREFETCH_QUEUE, max_bytes, model_name
 from backends.video.decode import VideoFrames
 
@@ -46,6 +49,26 @@ log = logging.getLogger("tapmask.labelstudio")
 
 def _env(name: str) -> str | None:
     return os.environ.get(name) or None
+
+
+def _refine_from_env() -> bool:
+    value = os.environ.get("TAPMASK_REFINE", "on").strip().lower()
+    if value in ("on", "1", "true", "yes", ""):
+        return True
+    if value in ("off", "0", "false", "no"):
+        return False
+    raise ValueError(f"TAPMASK_REFINE={value!r}: expected on or off")
+
+
+def _refine_distance_from_env() -> float:
+    raw = os.environ.get("TAPMASK_REFINE_DISTANCE", "").strip() or "2"
+    try:
+        percent = float(raw)
+    except ValueError:
+        raise ValueError(f"TAPMASK_REFINE_DISTANCE={raw!r}: expected a percentage") from None
+    if not 0 <= percent <= 100:
+        raise ValueError(f"TAPMASK_REFINE_DISTANCE={raw!r}: expected 0 to 100 (percent)")
+    return percent / 100.0
 
 
 @dataclass
@@ -72,6 +95,11 @@ class Settings:
     video_frame_cache_mb: float = field(
         default_factory=lambda: float(_env("TAPMASK_VIDEO_FRAME_CACHE_MB") or 512.0)
     )
+    # A click on an existing brush/polygon region of its label refines it (labelstudio/refine.py)
+    refine: bool = field(default_factory=_refine_from_env)
+    # How far outside a region the first click may land and still refine it (fraction of the
+    # image's longer side; the environment gives it in percent).
+    refine_distance: float = field(default_factory=_refine_distance_from_env)
     # "Retrieve predictions" with masks for every project ("text" / "boxes"; extra params opt
     # one project in), the text mode's detector, the region format, tasks at a time.
     retrieve: str | None = field(default_factory=lambda: _env("TAPMASK_RETRIEVE"))
@@ -296,7 +324,8 @@ class LabelStudioService:
                 height,
                 frame.kind,
             )
-        prompt = to_prompt(obj, frame)
+        geometry = ImageGeometry(height, width, orientation)
+        prompt = self._with_region_to_refine(task, obj, outputs, to_prompt(obj, frame), geometry)
         seg = self.dispatcher.segment(settings.model, image, prompt)
         if seg.area == 0:
             raise EmptyMask(f"{settings.model} found no object for these clicks")
@@ -320,6 +349,39 @@ class LabelStudioService:
             (time.perf_counter() - fetched) * 1000,
         )
         return out
+
+    def _with_region_to_refine(
+        self,
+        task: dict[str, Any],
+        obj: ObjectRequest,
+        outputs: list[tuple[Control, str]],
+        prompt: Prompt,
+        image: ImageGeometry,
+    ) -> Prompt:
+        """Keypoints on an existing brush/polygon region of their label refine it: the region
+        becomes the prompt's previous mask (``backends/labelstudio/refine.py``). A smart rectangle
+        always starts a new object."""
+        if not self.settings.refine or prompt.box is not None or not prompt.clicks:
+            return prompt
+        existing = region_to_refine(
+            task,
+            obj.to_name,
+            outputs,
+            prompt.clicks[0],
+            image,
+            self.settings.refine_distance,
+            skip_ids=answer_ids(task.get("id"), outputs, prompt),
+        )
+        if existing is None:
+            return prompt
+        log.info(
+            "task %s: refining %s region %s (%.0f px from the first click)",
+            task.get("id"),
+            existing.source,
+            existing.region_id,
+            existing.distance,
+        )
+        return Prompt(prompt.clicks, prompt.box, existing.mask)
 
     def _prefetch_tasks(
         self, request: PredictRequest, config: LabelConfig, creds: Credentials

@@ -26,6 +26,16 @@ and may move every boundary, and new islands no positive click touches are dropp
 The locality is that of progressive corrections (FocalClick, CVPR 2022; CDNet, ICCV 2021; see
 ``backends/progressive.py``), applied to the seeds rather than to the output mask.
 
+**Refining a mask the caller has** (``Prompt.previous_mask``, e.g. a pre-annotation an
+annotator clicks on in Label Studio): the mask initialises GrabCut directly, probable foreground
+inside and probable background outside, the clicks (discs) and the border strip sure seeds, no
+watershed; new islands no positive click touches are dropped as above. A pre-annotation's error
+lies all along its boundary (a coarse model, a dilated or eroded mask), where anchoring would pin
+most of it down; GrabCut's colour models re-decide every pixel instead. Measured on the GrabCut
+set (ground truth dilated / eroded by 15 px, one NoC corrective click, ``tapmask eval
+--refine-from``): mean IoU 0.862 / 0.860 with this initialisation, 0.852 / 0.810 anchored to the
+mask as to a previous answer, 0.649 for one click from scratch.
+
 The answer thus depends on the click history (``replays_history``): the Engine rebuilds a
 missing previous answer by replaying the earlier clicks, so a replayed interaction gives the same
 mask as a cached one (GrabCut's k-means seeding is pinned to a fixed RNG seed for that). Large
@@ -134,17 +144,29 @@ class GrabCutSegmenter:
     def decode(
         self, image: np.ndarray, embedding: Any, prompt: Prompt, state: Any
     ) -> tuple[Segmentation, GrabCutState]:
-        if not prompt.positives and prompt.box is None:
-            raise PromptError("GrabCut needs a positive click or a box to know the object")
+        refining = prompt.previous_mask is not None and bool(prompt.clicks)
+        if not prompt.positives and prompt.box is None and not refining:
+            raise PromptError(
+                "GrabCut needs a positive click, a box or a mask to refine to know the object"
+            )
         height, width = image.shape[:2]
         work, scale = self._working_image(image)
         markers = self._markers(work.shape[:2], prompt, scale)
         seeds = markers.copy()
-        previous = self._previous(prompt, state, work.shape[:2])
-        if previous is not None:
-            self._anchor(markers, previous, prompt.clicks[-1], scale)
+        if refining:
+            previous = _resize_mask(np.asarray(prompt.previous_mask, bool), work.shape[:2])
+        else:
+            previous = self._previous(prompt, state, work.shape[:2])
+            if previous is not None:
+                self._anchor(markers, previous, prompt.clicks[-1], scale)
 
-        if not prompt.positives and not (markers == _OBJECT).any():
+        if refining:
+            # The caller's mask initialises GrabCut directly (see the module docstring).
+            # Row-major whatever the caller's mask is: GrabCut writes into its labels.
+            labels = np.where(previous, cv2.GC_PR_FGD, cv2.GC_PR_BGD).astype(np.uint8, order="C")
+            labels[seeds == _BACKGROUND] = cv2.GC_BGD
+            labels[seeds == _OBJECT] = cv2.GC_FGD
+        elif not prompt.positives and not (markers == _OBJECT).any():
             # A box (and negative clicks) with nothing to anchor: GrabCut's own rectangle
             # initialisation.
             labels = np.where(seeds == _BACKGROUND, cv2.GC_BGD, cv2.GC_PR_FGD).astype(np.uint8)
@@ -183,13 +205,11 @@ class GrabCutSegmenter:
 
     def _previous(self, prompt: Prompt, state: Any, shape: tuple[int, int]) -> np.ndarray | None:
         """The working-size mask this step is anchored to, or None (a first step, a step before
-        ``Anchoring.start``, anchoring off): the caller's ``previous_mask``, else the previous
-        step's answer, which the Engine hands back as ``state``."""
+        ``Anchoring.start``, anchoring off): the previous step's answer, which the Engine hands
+        back as ``state`` (a caller's ``previous_mask`` is not: see the module docstring)."""
         steps = len(prompt.clicks) + (prompt.box is not None)
         if self.anchoring is None or not prompt.clicks or steps < self.anchoring.start:
             return None
-        if prompt.previous_mask is not None:
-            return _resize_mask(np.asarray(prompt.previous_mask, dtype=bool), shape)
         if isinstance(state, GrabCutState) and state.shape == shape:
             return state.mask()
         return None

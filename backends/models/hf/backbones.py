@@ -70,6 +70,8 @@ class _TransformersBackbone:
 class SamHfBackbone(_TransformersBackbone):
     """``SamModel`` / ``SamHQModel`` (``hq``)."""
 
+    stretches_image = False
+
     def __init__(self, model: Any, processor: Any, *, hq: bool, hq_token_only: bool) -> None:
         super().__init__(model, processor, "sam_hq" if hq else "sam")
         self.hq = hq
@@ -144,6 +146,7 @@ class Sam2HfBackbone(_TransformersBackbone):
     """``Sam2Model`` / ``EdgeTamModel`` (``family`` "sam2" / "edgetam")."""
 
     logit_clamp = SAM2_LOGIT_CLAMP
+    stretches_image = True
 
     def __init__(self, model: Any, processor: Any, *, family: str, channels_last: bool) -> None:
         super().__init__(model, processor, family)

@@ -25,6 +25,7 @@ SamPrompts = tuple[tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor | None
 class SegmentAnythingBackbone:
     family = "segment-anything"
     logit_clamp: float | None = None
+    stretches_image = False
 
     def __init__(self, model: Sam) -> None:
         self.model = model

@@ -12,6 +12,8 @@ protocol around ``SamPredictor``'s arithmetic:
 * ``decode``: the first click asks for three masks (``multimask_output=True``) and keeps the one
   with the best predicted IoU; a box alone asks for one; later clicks feed the previous best
   low-resolution logits back as the mask input, one mask out. ``score`` is the predicted IoU.
+  A mask the caller already has (``prompt.previous_mask``: a pre-annotation to refine) goes in
+  as the mask input of a first decode (``mask_logits``).
 * the shared-embedding byte format (``SharesEmbeddings``) and, for models whose image embedding
   is SAM's ``[1, 256, 64, 64]`` (``ExportingSamSegmenter``), the export CVAT's stock SAM plugin
   decodes (``ExportsEmbedding``).
@@ -27,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import cv2
 import numpy as np
 import torch
 
@@ -35,6 +38,11 @@ from backends.models.torch_utils import auto_device, rgb
 from backends.prompts import Prompt, Segmentation
 
 _SHARED_FORMAT = "tapmask-sam-embedding/2"
+
+#: The logit a caller's binary mask becomes (+ inside, − outside) as SAM's mask input. SAM's own
+#: low-res logits run to about ±10–20 on confident pixels (SAM 2 clamps them at ±32); ±10 says
+#: "confident" without saturating the prompt encoder's mask downscaling convolutions.
+PREVIOUS_MASK_LOGIT = 10.0
 
 
 @dataclass(frozen=True, eq=False)
@@ -76,6 +84,10 @@ class Backbone(Protocol):
     logit_clamp: float | None
     #: Size of the low-res logits the decoder makes and takes back as its mask input.
     mask_input_size: tuple[int, int]
+    #: How the image sits in those logits: False (SAM, HQ-SAM) the input frame (the image resized
+    #: to ``input_size``, padded at the bottom and right to a square of 4 × ``mask_input_size``)
+    #: at a quarter of its resolution; True (SAM 2, EdgeTAM) the image stretched over all of it.
+    stretches_image: bool
 
     def expected_shapes(self) -> list[tuple[int, ...]]:
         """Shapes of ``SamEmbedding.tensors`` this model makes (validates shared embeddings)."""
@@ -262,6 +274,30 @@ class SamSegmenter:
             )
         return tensor.reshape(1, 1, *size)
 
+    def mask_logits(self, mask: np.ndarray, embedding: SamEmbedding) -> torch.Tensor:
+        """A full-image binary mask as the decoder's ``[1, 1, h, w]`` mask input: the inverse of
+        ``Backbone.upscale``'s geometry (SAM: resize to ``input_size``, pad bottom/right to the
+        square input frame, area-downscale by 4; SAM 2: area-resize the whole image to the
+        low-res size), the covered fraction f of each low-res pixel mapped linearly to
+        ``(2f - 1) × PREVIOUS_MASK_LOGIT``: ±``PREVIOUS_MASK_LOGIT`` in and out of the mask,
+        0 on its boundary. SAM's padding counts as outside (SAM's own logits there are negative).
+        """
+        low_h, low_w = self.backbone.mask_input_size
+        fraction = np.asarray(mask, dtype=np.float32)
+        if self.backbone.stretches_image:
+            low = cv2.resize(fraction, (low_w, low_h), interpolation=cv2.INTER_AREA)
+        else:
+            in_h, in_w = embedding.input_size
+            frame_h, frame_w = 4 * low_h, 4 * low_w
+            resized = cv2.resize(fraction, (in_w, in_h), interpolation=cv2.INTER_LINEAR)
+            padded = np.zeros((max(frame_h, in_h), max(frame_w, in_w)), np.float32)
+            padded[:in_h, :in_w] = resized
+            low = cv2.resize(
+                padded[:frame_h, :frame_w], (low_w, low_h), interpolation=cv2.INTER_AREA
+            )
+        logits = (2.0 * low - 1.0) * PREVIOUS_MASK_LOGIT
+        return torch.as_tensor(logits, dtype=torch.float32, device=self.device)[None, None]
+
     def decode(
         self, image: np.ndarray, embedding: SamEmbedding, prompt: Prompt, state: Any | None
     ) -> tuple[Segmentation, np.ndarray]:
@@ -272,10 +308,11 @@ class SamSegmenter:
         * A box alone: one mask (``multimask_output=False``, SAM's advice for boxes).
         * Later clicks: the previous best low-res logits go in as the mask input, one mask out.
 
-        ``prompt.previous_mask`` is ignored: SAM's mask input is the decoder's own low-res
-        *logits*, and a binary mask (even rescaled to ±logit values) is outside what the model
-        was trained on and degrades its answers. The Engine rebuilds a missing state by replaying
-        the click history instead (``replays_history``).
+        * No state but ``prompt.previous_mask`` (a mask the caller already has, e.g. a
+          pre-annotation being refined): that mask as the mask input (``mask_logits``), one mask
+          out. The Engine's own history never travels this way: it keeps the decoder's low-res
+          logits as ``state`` and rebuilds a missing one by replaying the clicks
+          (``replays_history``), which is closer to what SAM was trained on than a binary mask.
 
         Returns the mask at the image's size, its predicted IoU as score, and the chosen
         low-res logits (float32 ``[1, 1, 256, 256]`` numpy array) as the next state.
@@ -289,7 +326,10 @@ class SamSegmenter:
             )
         with torch.inference_mode():
             inputs = self.backbone.prompt_inputs(prompt, embedding)
-            if state is None:
+            if state is None and prompt.previous_mask is not None:
+                mask_input = self.mask_logits(prompt.previous_mask, embedding)
+                multimask = False
+            elif state is None:
                 mask_input = None
                 multimask = bool(prompt.clicks)  # a box alone is unambiguous enough
             else:

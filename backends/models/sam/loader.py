@@ -127,6 +127,7 @@ def build(
     *,
     architecture: SamArchitecture | Mapping[str, Any] | None = None,
     random_weights: bool = False,
+    seed: int | None = None,
     autocast: bool | None = None,
 ) -> ExportingSamSegmenter:
     """Registry factory for ``sam``, ``sam-vit_b``, ``sam-vit_l``, ``sam-vit_h``.
@@ -135,7 +136,8 @@ def build(
     ``$TAPMASK_MODELS_DIR``. ``model_type=None`` reads the variant from the checkpoint.
     ``architecture``: ``SamArchitecture`` sizes (or a mapping of them) for a non-official model
     (tests); it replaces the official sizes. ``random_weights=True`` builds an untrained model and
-    reads no file at all (benchmarks); it must be asked for, it is never a fallback.
+    reads no file at all (benchmarks); it must be asked for, it is never a fallback. ``seed``:
+    the torch seed those random weights are drawn with (None: torch's current state).
     ``autocast``: bf16 autocast for the image encoder on CUDA (default: on where supported).
     """
     if model_type is not None and model_type not in SAM_VIT_SIZES:
@@ -148,6 +150,8 @@ def build(
             raise ModelLoadError("random_weights=True and a checkpoint are mutually exclusive")
         if architecture is None and model_type is None:
             raise ModelLoadError("random_weights=True needs a model_type or an architecture")
+        if seed is not None:
+            torch.manual_seed(seed)
         model = _construct(architecture or SAM_VIT_SIZES[str(model_type)])
     else:
         path = (
