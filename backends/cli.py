@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from backends.errors import TapmaskError
+from backends.evaluation.arguments import add_eval_arguments
 from backends.redis.pool import add_pool_arguments, add_worker_arguments
 from backends.settings import model_name
 
@@ -105,16 +106,6 @@ def _cmd_prefetch(args: argparse.Namespace) -> int:
     from backends.labelstudio.prefetch import prefetch_project
 
     return prefetch_project(args.project, args.backend, args.label_studio, args.batch)
-
-
-def _parse_refine_mode(text: str) -> str:
-    from backends.evaluation.refine import parse_mode
-
-    try:
-        parse_mode(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
 
 
 def _cmd_annotate(args: argparse.Namespace) -> int:
@@ -285,32 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     seg.set_defaults(func=_cmd_segment)
 
     ev = sub.add_parser("eval", help="NoC evaluation on GrabCut/Berkeley/DAVIS folders")
-    ev.add_argument("--model", action="append", required=True)
-    ev.add_argument("--dataset", required=True)
-    ev.add_argument("--max-clicks", type=int, default=20)
-    ev.add_argument("--limit", type=int, help="only the first N images")
-    ev.add_argument("--checkpoint")
-    ev.add_argument("--out", default="eval-results", help="folder for CSV and PNG")
-    ev.add_argument(
-        "--progressive",
-        choices=["both", "on", "off", "default"],
-        default="both",
-        help="progressive (local) corrections: both side by side (default), on, off, or the "
-        "model's serving setting (TAPMASK_PROGRESSIVE, else the model's default)",
-    )
-    ev.add_argument(
-        "--refine-from",
-        action="append",
-        type=_parse_refine_mode,
-        metavar="dilateN|erodeN",
-        help="instead of NoC: ground truth dilated/eroded by N px + one corrective click vs one "
-        "click from scratch, mean IoU (repeatable)",
-    )
-    ev.add_argument(
-        "--tiny-random",
-        action="store_true",
-        help="SAM models with tiny random weights (sizes.TINY_SAM): the code path, not quality",
-    )
+    add_eval_arguments(ev)
     ev.set_defaults(func=_cmd_eval)
 
     ev_boxes = sub.add_parser(
